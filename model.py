@@ -1,0 +1,449 @@
+"""
+DiT-MoE: a diffusion transformer whose MLPs are sparse mixtures of experts.
+
+Fei et al. 2024, "Scaling Diffusion Transformers to 16 Billion Parameters".
+The backbone is DiT (Peebles & Xie 2023): patchify, adaLN-Zero transformer
+blocks conditioned on timestep + class, and a learned-sigma output head. Each
+block's MLP is the MoE layer of moe.py (routed SwiGLU experts + a shared one).
+
+    python model.py            # table of every registered size: params, active params, GFLOPs
+    from model import create_model, load
+    net = create_model("S/2-8E2A")          # 256x256 ImageNet latents (32x32x4), 1000 classes
+    net = load("ema.pt", device="cuda")     # our checkpoints or the official DiT-MoE ones
+"""
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moe import MoE
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+@dataclass
+class DiTConfig:
+    depth: int = 12
+    hidden_size: int = 384           # D
+    num_heads: int = 6
+    patch_size: int = 2
+    num_experts: int = 8             # E routed experts per block; 0 = dense DiT (GELU MLP of width 4D)
+    top_k: int = 2                   # K experts per token
+    shared_hidden: int | None = None # width of the shared SwiGLU expert: None = 2D (paper n_s = 2), 0 = none
+    router: str = "token"            # token choice (DiT-MoE); see moe.py for the others
+    balance_alpha: float = 0.05      # Eq. 5 alpha (paper value; the official code used 0.01)
+    input_size: int = 32             # latent height = width (256px images / VAE factor 8)
+    in_channels: int = 4             # C
+    num_classes: int = 1000
+    qk_norm: bool = False            # LayerNorm on q and k per head (official XL and G checkpoints)
+    learn_sigma: bool = True         # output 2C channels: prediction + variance interpolation
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    objective: str = "ddpm"          # what the output means: "ddpm" (epsilon) or "rf" (velocity)
+    latent_space: bool = True        # inputs are SD-VAE latents (x 0.18215); False: pixels in [-1, 1]
+
+    @property
+    def out_channels(self):
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self):
+        return (self.input_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------
+# Embedders and attention
+# ----------------------------------------------------------------------------
+
+def modulate(x, shift, scale):
+    # adaLN: per-sample affine transform of normalised tokens, x (N, T, D), shift/scale (N, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim, pos):
+    # Transformer sin-cos code of positions pos (M,) -> (M, dim): [sin(pos w), cos(pos w)]
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim, grid):
+    # Fixed 2-D position table (grid*grid, dim): first half codes the column, second the row.
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], 1).float()
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    # Sinusoidal code of scalar timesteps (N,) -> (N, dim) = [cos(t f), sin(t f)]; t may be fractional.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """The sinusoidal code of t (256 frequencies), then an MLP."""
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        freq = timestep_embedding(t, self.freq_dim)         # (N, 256), in float32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row (index num_classes) for the null class of CFG."""
+    def __init__(self, num_classes, dim, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:  # label dropout teaches the unconditional model
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)  # (N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with qk_norm, the official XL/G variant (LayerNorm on q and k)."""
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x):
+        N, T, D = x.shape
+        qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # each (N, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))         # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """DiT's dense MLP (Eq. 4): fc2(gelu(fc1(x))), width 4D. Used by the dense sizes."""
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ----------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: attention and MoE (or MLP), each scaled by a gate that starts at zero."""
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        if cfg.num_experts:
+            self.moe = MoE(D, cfg.num_experts, cfg.top_k, shared_hidden=cfg.shared_hidden,
+                           router=cfg.router, balance_alpha=cfg.balance_alpha)
+        else:
+            self.mlp = Mlp(D)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c):
+        # x (N, T, D), c (N, D) -> x (N, T, D), balance loss (scalar), tokens per expert (E,)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        h = modulate(self.norm2(x), shift2, scale2)
+        if hasattr(self, "moe"):
+            h, aux = self.moe(h)
+            balance, counts = aux["balance"], aux["counts"]
+        else:
+            h, balance, counts = self.mlp(h), x.new_zeros(()), x.new_zeros(0)
+        return x + gate2.unsqueeze(1) * h, balance, counts
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, cfg.patch_size ** 2 * cfg.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*2C)
+
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        # Fixed, not trained: a buffer, so optimizers and EMA never see it (still saved as "pos_embed").
+        self.register_buffer("pos_embed", sincos_2d(D, cfg.input_size // p).unsqueeze(0))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.grad_checkpointing = False  # recompute block activations in backward (large sizes)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zeroed adaLN and output layers.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if hasattr(block, "moe"):
+                # Each stacked expert matrix gets xavier's bound for its (D, H) shape, like the
+                # official nn.Linear experts; the router keeps nn.Linear's default (kaiming) init.
+                moe, D, H = block.moe, self.cfg.hidden_size, block.moe.w_down.shape[1]
+                bound = math.sqrt(6 / (D + H))
+                nn.init.uniform_(moe.w_gate_up, -bound, bound)
+                nn.init.uniform_(moe.w_down, -bound, bound)
+                moe.router.reset_parameters()
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        # (N, T, p*p*C') -> (N, C', H, W) with T = (H/p) * (W/p)
+        N, T, _ = x.shape
+        p, C, h = self.cfg.patch_size, self.cfg.out_channels, math.isqrt(T)
+        x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C', h, p, w, p)
+        return x.reshape(N, C, h * p, h * p)
+
+    def forward(self, x, t, y, return_aux=False):
+        """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
+
+        Returns (N, 2C, H, W); with return_aux also {"balance": summed Eq. 5 loss of all layers,
+        "load": (L, E) tokens per expert per layer}.
+        """
+        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
+        balance, loads = x.new_zeros(()), []
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x, b, counts = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x, b, counts = block(x, c)                                      # (N, T, D)
+            balance, loads = balance + b, loads + [counts]
+        x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
+        return (x, {"balance": balance, "load": torch.stack(loads)}) if return_aux else x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+        """Classifier-free guidance (Ho & Salimans 2022) in one batched call.
+
+        x holds the same latents twice, y the labels then the null class. The guided prediction
+        uncond + s * (cond - uncond) is returned for both halves. By default all C channels are
+        guided; guided_channels=3 reproduces DiT / official DiT-MoE exactly (DiT issue #41).
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)                       # (2N, 2C, H, W)
+        G = self.cfg.in_channels if guided_channels is None else guided_channels
+        guide, rest = out[:, :G], out[:, G:]
+        cond, uncond = guide.chunk(2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Size registry: the exact CLI strings, 256x256 ImageNet latents by default
+# ----------------------------------------------------------------------------
+
+SIZES = {  # name: (depth, hidden D, heads, qk_norm as in the released checkpoints)
+    "S": (12, 384, 6, False), "B": (12, 768, 12, False), "L": (24, 1024, 16, False),
+    "XL": (28, 1152, 16, True), "G": (40, 1408, 16, True),
+    "T": (4, 128, 4, False),  # tiny: the built-in CPU demo and the tests
+}
+NAMES = (["S/2-8E2A", "S/2-16E2A", "B/2-8E2A", "L/2-8E2A", "XL/2-8E2A", "G/2-16E2A", "T/2-4E2A"]
+         + [f"{s}/{p}-8E2A" for s in ("S", "B", "L", "XL") for p in (4, 8)]
+         + ["S/2", "B/2", "L/2", "XL/2"])
+
+
+def config_from_name(name, **overrides):
+    m = re.fullmatch(r"(S|B|L|XL|G|T)/(\d+)(?:-(\d+)E(\d+)A)?", name)
+    if name not in NAMES or m is None:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(NAMES)}")
+    depth, D, heads, qk_norm = SIZES[m[1]]
+    experts, k = (int(m[3]), int(m[4])) if m[3] else (0, 0)
+    cfg = DiTConfig(depth=depth, hidden_size=D, num_heads=heads, patch_size=int(m[2]),
+                    num_experts=experts, top_k=k, qk_norm=qk_norm)
+    return dataclasses.replace(cfg, **overrides)
+
+
+DiT_models = {name: (lambda name=name, **kw: DiT(config_from_name(name, **kw))) for name in NAMES}
+
+
+def create_model(name, **overrides):
+    return DiT(config_from_name(name, **overrides))
+
+
+def count(cfg):
+    """(total params, active params per token, GFLOPs per image) without allocating weights."""
+    with torch.device("meta"):
+        net = DiT(cfg)
+    total = sum(p.numel() for p in net.parameters())
+    # A token runs K of the E routed experts, each 3 matrices of D x 4D.
+    D, T, E, K = cfg.hidden_size, cfg.num_tokens, cfg.num_experts, cfg.top_k
+    active = total - cfg.depth * (E - K) * 3 * D * 4 * D
+    # FLOPs counted like DiT (one multiply-add = one FLOP), every matmul included. (The paper's
+    # Table 1 used thop, which misses the experts' F.linear calls, hence its smaller numbers.)
+    shared = 2 * D if cfg.shared_hidden is None else cfg.shared_hidden
+    mlp = E * D + K * 3 * D * 4 * D + 3 * D * shared if E else 8 * D * D
+    per_token = cfg.depth * (4 * D * D + 2 * T * D + mlp) + 3 * cfg.patch_size ** 2 * cfg.in_channels * D
+    per_image = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D  # adaLN and t-embedder MLPs
+    return total, active, (T * per_token + per_image) / 1e9
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: ours and the official DiT-MoE layout
+# ----------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def from_official(sd):
+    """Official DiT-MoE state_dict (per-expert nn.Linear) -> ours (stacked experts). Lossless."""
+    out = {}
+    for key, v in sd.items():
+        key = key.replace("attn.Wqkv.", "attn.qkv.").replace("attn.out_proj.", "attn.proj.")
+        key = key.replace("moe.gate.weight", "moe.router.weight")
+        m = re.match(r"(blocks\.\d+\.moe)\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight", key)
+        if m is None:
+            out[key] = v
+        elif m[2] == "shared_experts" and m[3] != "down":  # [gate; up] fused along the output dim
+            out[f"{m[1]}.shared.gate_up.weight"] = torch.cat(
+                [sd[key.replace(m[3] + "_proj", p + "_proj")] for p in ("gate", "up")])
+        elif m[2] == "shared_experts":
+            out[f"{m[1]}.shared.down.weight"] = v
+    # Routed experts: (H, D) Linear weights -> w_gate_up (E, D, 2H) and w_down (E, H, D).
+    for prefix in sorted({k.split(".experts.")[0] for k in sd if ".moe.experts." in k}):
+        E = sum(1 for k in sd if k.startswith(f"{prefix}.experts.") and k.endswith("gate_proj.weight"))
+        w = lambda e, name: sd[f"{prefix}.experts.{e}.{name}_proj.weight"]
+        out[f"{prefix}.w_gate_up"] = torch.stack([torch.cat([w(e, "gate"), w(e, "up")]).T for e in range(E)])
+        out[f"{prefix}.w_down"] = torch.stack([w(e, "down").T for e in range(E)])
+    return out
+
+
+def to_official(sd, qk_norm):
+    """Ours -> the official layout (e.g. to run our weights in the official code). Lossless."""
+    out = {}
+    for key, v in sd.items():
+        if qk_norm:
+            key = key.replace("attn.qkv.", "attn.Wqkv.").replace("attn.proj.", "attn.out_proj.")
+        m = re.fullmatch(r"(blocks\.\d+\.moe)\.(router\.weight|shared\.gate_up\.weight|shared\.down\.weight|w_gate_up|w_down)", key)
+        if m is None:
+            out[key] = v
+            continue
+        moe, name = m[1], m[2]
+        if name == "router.weight":
+            out[f"{moe}.gate.weight"] = v
+        elif name == "shared.gate_up.weight":
+            out[f"{moe}.shared_experts.gate_proj.weight"], out[f"{moe}.shared_experts.up_proj.weight"] = v.chunk(2)
+        elif name == "shared.down.weight":
+            out[f"{moe}.shared_experts.down_proj.weight"] = v
+        elif name == "w_gate_up":  # (E, D, 2H) -> per expert gate_proj, up_proj (H, D)
+            for e, w in enumerate(v):
+                gate, up = w.T.chunk(2)
+                out[f"{moe}.experts.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{moe}.experts.{e}.up_proj.weight"] = up.contiguous()
+        else:  # w_down (E, H, D) -> per expert down_proj (D, H)
+            for e, w in enumerate(v):
+                out[f"{moe}.experts.{e}.down_proj.weight"] = w.T.contiguous()
+    return out
+
+
+def config_from_state_dict(sd, top_k=2):
+    """Architecture of an official (or DiT) state_dict, read off its key names and shapes."""
+    if "x_embedder.proj.weight" not in sd or "final_layer.linear.weight" not in sd:
+        raise CheckpointError("not a DiT / DiT-MoE checkpoint (no x_embedder.proj / final_layer keys)")
+    D, C, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    experts = sum(1 for k in sd if k.startswith("blocks.0.moe.experts.") and k.endswith("gate_proj.weight"))
+    shared = sd.get("blocks.0.moe.shared_experts.gate_proj.weight")  # None: dense DiT or no shared expert
+    qk_norm = "blocks.0.attn.Wqkv.weight" in sd
+    if qk_norm:  # the per-head LayerNorm reveals the head width
+        heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    else:        # the paper's sizes, else DiT's head width of 64
+        heads = {384: 6, 768: 12, 1024: 16, 1152: 16, 1408: 16}.get(D, max(D // 64, 1))
+    return DiTConfig(
+        depth=depth, hidden_size=D, num_heads=heads, patch_size=p, num_experts=experts,
+        top_k=top_k if experts else 0,
+        shared_hidden=None if shared is None or shared.shape[0] == 2 * D else shared.shape[0],
+        input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, in_channels=C,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, qk_norm=qk_norm,
+        learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * C,
+        objective="rf" if qk_norm else "ddpm")  # the released XL/G are RF-trained, S/B DDPM
+
+
+def load_weights(net, sd, source):
+    """load_state_dict with a one-line error naming the offending keys and shapes."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        show = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+        parts = [f"{what}: {show(ks)}" for what, ks in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if ks]
+        raise CheckpointError(f"{source} does not fit {net.cfg}: " + "; ".join(parts))
+    net.load_state_dict({k: v.float() for k, v in sd.items()})  # official XL/G files are fp16
+
+
+def load(path, device="cpu", top_k=2):
+    """Network in eval mode from our training checkpoint (its EMA), our ema.pt, or an official
+    DiT-MoE file ({"ema": sd}, {"model": sd} or a raw state_dict). top_k: official files only."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
+    if "config" in ckpt:  # ours: plain dict with the config, EMA weights preferred
+        net = DiT(DiTConfig(**ckpt["config"]))
+        load_weights(net, ckpt.get("ema") or ckpt["model"], path)
+    else:
+        sd = ckpt.get("ema") or ckpt.get("model") or ckpt
+        net = DiT(config_from_state_dict(sd, top_k))
+        load_weights(net, from_official(sd), path)
+    return net.to(device).eval()
+
+
+if __name__ == "__main__":
+    print(f"{'model':<11} {'params':>9} {'active':>9} {'GFLOPs':>8}   (256x256, 32x32x4 latents)")
+    for name in NAMES:
+        total, active, gflops = count(config_from_name(name))
+        print(f"{name:<11} {total / 1e6:>8.1f}M {active / 1e6:>8.1f}M {gflops:>8.2f}")
