@@ -1,0 +1,283 @@
+"""
+The two training objectives of DiT-MoE and their samplers.
+
+DDPM (the S and B checkpoints, as DiT): Ho et al. 2020 with epsilon prediction,
+the learned-range variance and hybrid loss of Nichol & Dhariwal 2021 (IDDPM),
+timestep respacing, ancestral and DDIM sampling. Rectified flow (the XL and G
+checkpoints): the straight path and velocity target of the official DiT-MoE
+code (REFERENCE.md §3) with an Euler sampler. Only the paths we use are here.
+
+    from diffusion import create_objective
+    obj = create_objective("ddpm")                                   # or "rf"
+    t, x_t, noise = obj.training_inputs(x0)                          # t is what the model embeds
+    terms = obj.training_losses(model(x_t, t, y), x0, x_t, t, noise) # terms["loss"]: (N,)
+    x = obj.sample(model_fn, torch.randn(N, 4, 32, 32), sampler="ddpm", num_steps=250, progress=True)
+
+Tests: python -m pytest -q tests/test_diffusion.py
+"""
+import math
+
+import torch
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------
+# Gaussian helpers
+# ----------------------------------------------------------------------------
+
+def mean_flat(x):
+    """Mean over every dimension but the batch: (N, ...) -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) for data in [-1, 1] quantised to 256 levels, under N(mean, exp(2 log_scale)).
+
+    Ho et al. 2020 Eq. 13: a bin of width 2/255 around each level, the two edge bins open
+    to -inf / +inf. IDDPM uses a tanh approximation of the normal CDF; we use the exact one.
+    """
+    inv_std = torch.exp(-log_scale)
+    upper, lower = inv_std * (x - mean + 1 / 255), inv_std * (x - mean - 1 / 255)
+    cdf_upper, cdf_lower = torch.special.ndtr(upper), torch.special.ndtr(lower)
+    log_left_edge = torch.log(cdf_upper.clamp(min=1e-12))
+    # 1 - Phi(z) written as Phi(-z) keeps its precision far in the tail
+    log_right_edge = torch.log(torch.special.ndtr(-lower).clamp(min=1e-12))
+    log_bin = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_bin))
+
+
+def _gather(arr, i, x):
+    """arr[i] of a float64 schedule array, in x's dtype, shaped (N, 1, ..., 1) to broadcast against x."""
+    return arr.to(i.device)[i].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _check_sampler(sampler, valid, objective):
+    """None -> the objective's default sampler (the first valid one); an unknown name -> ValueError."""
+    if sampler is None:
+        return valid[0]
+    if sampler not in valid:
+        raise ValueError(f"unknown sampler {sampler!r} for the {objective} objective; "
+                         f"valid: {', '.join(valid)}")
+    return sampler
+
+
+# ----------------------------------------------------------------------------
+# DDPM
+# ----------------------------------------------------------------------------
+
+class GaussianDiffusion:
+    """DDPM with epsilon prediction and learned-range variance, T = 1000 linear betas by default.
+
+    Internally steps are indexed i = 0 .. num_timesteps-1 over the kept timesteps; the model
+    always sees the ORIGINAL timestep timestep_map[i] in 0 .. T-1, so a network trained on
+    1000 steps samples with 250 of them.
+    """
+    samplers = ("ddpm", "ddim")
+
+    def __init__(self, num_timesteps=1000, respacing=None):
+        self.base_num_timesteps = num_timesteps
+        # Ho et al. 2020 linear schedule, scaled as IDDPM does so that any T gives a similar process
+        scale = 1000 / num_timesteps
+        betas = torch.linspace(scale * 1e-4, scale * 2e-2, num_timesteps, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.timestep_map = torch.arange(num_timesteps)
+        if respacing is not None:
+            if not 2 <= respacing <= num_timesteps:
+                raise ValueError(f"respacing must be between 2 and {num_timesteps} steps, got {respacing}")
+            # evenly strided steps from 0 to T-1 (DiT's "250"); new betas keep the kept alpha-bars
+            # unchanged: 1 - beta'_k = abar[t_k] / abar[t_{k-1}] (Nichol & Dhariwal 2021 Sec. 4)
+            kept = torch.linspace(0, num_timesteps - 1, respacing, dtype=torch.float64)
+            self.timestep_map = kept.round().long()
+            alphas_cumprod = alphas_cumprod[self.timestep_map]
+            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        self.num_timesteps = len(betas)
+
+        abar = alphas_cumprod
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        self.betas, self.log_betas = betas, torch.log(betas)
+        self.alphas_cumprod, self.alphas_cumprod_prev = abar, abar_prev
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = abar.sqrt(), (1 - abar).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / abar).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt()
+        # posterior q(x_{t-1} | x_t, x_0), Ho et al. 2020 Eq. 6-7
+        self.posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+        self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1 - abar)
+        self.posterior_mean_coef2 = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+        # the posterior variance is 0 at t = 0: clip its log to the t = 1 value, as IDDPM does
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+
+    def q_sample(self, x0, i, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: DiT-MoE Eq. 1, Ho et al. 2020 Eq. 4."""
+        a, b = _gather(self.sqrt_alphas_cumprod, i, x0), _gather(self.sqrt_one_minus_alphas_cumprod, i, x0)
+        return a * x0 + b * noise
+
+    def q_posterior(self, x0, x_t, i):
+        """Mean and clipped log variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020 Eq. 7."""
+        coef1, coef2 = _gather(self.posterior_mean_coef1, i, x_t), _gather(self.posterior_mean_coef2, i, x_t)
+        return coef1 * x0 + coef2 * x_t, _gather(self.posterior_log_variance_clipped, i, x_t)
+
+    def pred_x0(self, x_t, i, eps):
+        """x_0 implied by an epsilon prediction: Ho et al. 2020 Eq. 4 solved for x_0."""
+        return (_gather(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t
+                - _gather(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps)
+
+    def p_mean_variance(self, out, x_t, i):
+        """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t) from model output (N, 2C or C, ...)."""
+        C = x_t.shape[1]
+        pred_x0 = self.pred_x0(x_t, i, out[:, :C])
+        mean, _ = self.q_posterior(pred_x0, x_t, i)  # Ho et al. 2020 Eq. 11 in x_0 form
+        if out.shape[1] == 2 * C:
+            # learned range, Nichol & Dhariwal 2021 Eq. 15: v in [-1, 1] interpolates the log
+            # variance between the posterior variance (v = -1) and beta_t (v = +1)
+            frac = (out[:, C:] + 1) / 2
+            min_log = _gather(self.posterior_log_variance_clipped, i, x_t)
+            log_var = frac * _gather(self.log_betas, i, x_t) + (1 - frac) * min_log
+        else:
+            # no variance channels: fixed sigma_t^2 = beta_t (Ho et al. 2020 Sec. 3.2, DiT's default)
+            log_var = _gather(self.log_betas, i, x_t)
+        return mean, log_var, pred_x0
+
+    def training_inputs(self, x0, generator=None):
+        """Uniform t and the noised x_t for a batch x0 (N, C, H, W) -> t (N,) long, x_t, noise."""
+        i = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.timestep_map.to(x0.device)[i], self.q_sample(x0, i, noise), noise
+
+    def training_losses(self, out, x0, x_t, t, noise):
+        """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: dict of (N,) "loss" = "mse" + "vb".
+
+        t: the timesteps the model saw (original indices, as training_inputs returns them).
+        """
+        i = torch.searchsorted(self.timestep_map.to(t.device), t)
+        C = x0.shape[1]
+        terms = {"mse": mean_flat((noise - out[:, :C]) ** 2)}  # L_simple, Ho et al. 2020 Eq. 14
+        if out.shape[1] == 2 * C:
+            # L_vlb trains only the variance: with eps detached, the mean is learned by L_simple
+            # alone (IDDPM Sec. 3.1, "stop-gradient" on the mean)
+            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+            mean, log_var, _ = self.p_mean_variance(frozen, x_t, i)
+            true_mean, true_log_var = self.q_posterior(x0, x_t, i)
+            kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+            # at t = 0 the term is the decoder NLL -log p(x_0 | x_1) (Ho et al. 2020 Eq. 13); in bits per dim
+            nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+            # one uniform step estimates L_vlb / T; times T / 1000 it is L_vlb / 1000 for any T, the
+            # lambda = 0.001 weight of Eq. 16 (a no-op at DiT's T = 1000, which it trains with)
+            terms["vb"] = torch.where(i == 0, nll, kl) * (self.num_timesteps / 1000)
+        else:
+            terms["vb"] = torch.zeros_like(terms["mse"])  # fixed variance: nothing for L_vlb to train
+        terms["loss"] = terms["mse"] + terms["vb"]
+        return terms
+
+    def _reverse_steps(self, x, progress):
+        """From the last step down to 0: (i, i_n, t_n) = the index, it as (N,), the model's timesteps (N,)."""
+        timestep_map = self.timestep_map.to(x.device)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
+            i_n = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            yield i, i_n, timestep_map[i_n]
+
+    @torch.no_grad()
+    def p_sample_loop(self, model_fn, noise, randn=torch.randn_like, progress=False):
+        """Ancestral sampling, Ho et al. 2020 Algorithm 2, from x_T = noise to x_0."""
+        x = noise
+        for i, i_n, t_n in self._reverse_steps(x, progress):
+            mean, log_var, _ = self.p_mean_variance(model_fn(x, t_n), x, i_n)
+            # the last step returns the mean: no noise is added to x_0
+            x = mean + torch.exp(0.5 * log_var) * randn(x) if i > 0 else mean
+        return x
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model_fn, noise, eta=0.0, randn=torch.randn_like, progress=False):
+        """DDIM, Song et al. 2021 Eq. 12; eta = 0 is deterministic, eta = 1 is ancestral DDPM."""
+        x = noise
+        for i, i_n, t_n in self._reverse_steps(x, progress):
+            eps = model_fn(x, t_n)[:, :x.shape[1]]
+            pred_x0 = self.pred_x0(x, i_n, eps)
+            abar, abar_prev = _gather(self.alphas_cumprod, i_n, x), _gather(self.alphas_cumprod_prev, i_n, x)
+            # Song et al. 2021 Eq. 16; eta = 1 makes sigma^2 the posterior variance of Ho et al. Eq. 7
+            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+            x = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
+            if i > 0 and eta > 0:
+                x = x + sigma * randn(x)
+        return x
+
+    def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
+               progress=False):
+        """Sample x_0 from x_T = noise with "ddpm" (default) or "ddim" (eta for DDIM only).
+
+        num_steps respaces the base schedule (None: this object's own schedule).
+        """
+        sampler = _check_sampler(sampler, self.samplers, "ddpm")
+        diffusion = self
+        if num_steps is not None and num_steps != self.num_timesteps:
+            diffusion = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
+        if sampler == "ddpm":
+            return diffusion.p_sample_loop(model_fn, noise, randn, progress)
+        return diffusion.ddim_sample_loop(model_fn, noise, eta, randn, progress)
+
+
+# ----------------------------------------------------------------------------
+# Rectified flow
+# ----------------------------------------------------------------------------
+
+class RectifiedFlow:
+    """Rectified flow as the official DiT-MoE code trains XL and G (REFERENCE.md §3).
+
+    z_t = (1 - t) x + t eps runs in a straight line from data (t = 0) to noise (t = 1); the
+    model predicts its velocity dz/dt = eps - x and embeds the raw t in [0, 1].
+    """
+    samplers = ("euler",)
+
+    def __init__(self, num_sampling_steps=50):  # 50: the official demo
+        self.num_sampling_steps = num_sampling_steps
+
+    def q_sample(self, x0, t, noise):
+        """z_t = (1 - t) x_0 + t eps for t (N,) in [0, 1]."""
+        t = t.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return (1 - t) * x0 + t * noise
+
+    def training_inputs(self, x0, generator=None):
+        """t (N,) float, z_t and the noise for a batch x0 (N, C, H, W)."""
+        # logit-normal t = sigmoid(n), n ~ N(0, 1): dense mid-path (Esser et al. 2024 Sec. 3.1)
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype))
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return t, self.q_sample(x0, t, noise), noise
+
+    def training_losses(self, out, x0, x_t, t, noise):
+        """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out are used."""
+        rf = mean_flat((noise - x0 - out[:, :x0.shape[1]]) ** 2)  # target v = dz_t/dt = eps - x_0
+        return {"loss": rf, "rf": rf}
+
+    @torch.no_grad()
+    def euler_sample_loop(self, model_fn, noise, num_steps, progress=False):
+        """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0 in num_steps equal steps."""
+        z, dt = noise, 1.0 / num_steps
+        for k in tqdm(range(num_steps, 0, -1), disable=not progress):
+            t = torch.full((z.shape[0],), k / num_steps, device=z.device, dtype=z.dtype)
+            z = z - dt * model_fn(z, t)[:, :z.shape[1]]
+        return z
+
+    def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
+               progress=False):
+        """Same signature as GaussianDiffusion.sample; Euler is deterministic, so eta and randn are unused."""
+        _check_sampler(sampler, self.samplers, "rf")
+        return self.euler_sample_loop(model_fn, noise, num_steps or self.num_sampling_steps, progress)
+
+
+# ----------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------
+
+def create_objective(name, num_sampling_steps=None):
+    """ddpm: GaussianDiffusion (respaced to num_sampling_steps if given); rf: RectifiedFlow."""
+    if name == "ddpm":
+        return GaussianDiffusion(respacing=num_sampling_steps)
+    if name == "rf":
+        return RectifiedFlow() if num_sampling_steps is None else RectifiedFlow(num_sampling_steps)
+    raise ValueError(f"unknown objective {name!r}; valid: ddpm, rf")
