@@ -406,8 +406,9 @@ def config_from_state_dict(sd, top_k=2):
         objective="rf" if qk_norm else "ddpm")  # the released XL/G are RF-trained, S/B DDPM
 
 
-def load_weights(net, sd, source):
-    """load_state_dict with a one-line error naming the offending keys and shapes."""
+def load_weights(net, sd, source, device):
+    """Fill a meta-device net from sd on device (one copy of the weights, in float32), with a
+    one-line error naming the offending keys and shapes."""
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -418,14 +419,15 @@ def load_weights(net, sd, source):
         parts = [f"{what}: {show(ks)}" for what, ks in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if ks]
         raise CheckpointError(f"{source} does not fit {net.cfg}: " + "; ".join(parts))
-    net.load_state_dict({k: v.float() for k, v in sd.items()})  # official XL/G files are fp16
+    # official XL/G files are fp16; assign=True takes these tensors as the parameters
+    net.load_state_dict({k: v.to(device, torch.float32) for k, v in sd.items()}, assign=True)
 
 
 def load(path, device="cpu", top_k=2):
     """Network in eval mode from our training checkpoint (its EMA), our ema.pt, or an official
     DiT-MoE file ({"ema": sd}, {"model": sd} or a raw state_dict). top_k: official files only."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: a 33 GB G/2 file is paged in tensor by tensor, not read whole into memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:
@@ -433,13 +435,18 @@ def load(path, device="cpu", top_k=2):
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
     if "config" in ckpt:  # ours: plain dict with the config, EMA weights preferred
-        net = DiT(DiTConfig(**ckpt["config"]))
-        load_weights(net, ckpt.get("ema") or ckpt["model"], path)
+        fields = {f.name for f in dataclasses.fields(DiTConfig)}
+        if not set(ckpt["config"]) <= fields:
+            raise CheckpointError(f"{path} has unknown config fields {sorted(set(ckpt['config']) - fields)}")
+        cfg, sd = DiTConfig(**ckpt["config"]), ckpt.get("ema") or ckpt["model"]
     else:
         sd = ckpt.get("ema") or ckpt.get("model") or ckpt
-        net = DiT(config_from_state_dict(sd, top_k))
-        load_weights(net, from_official(sd), path)
-    return net.to(device).eval()
+        cfg = config_from_state_dict(sd, top_k)
+        sd = from_official(sd)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        net = DiT(cfg)
+    load_weights(net, sd, path, device)
+    return net.eval()
 
 
 if __name__ == "__main__":
