@@ -222,14 +222,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if hasattr(block, "moe"):
-                # Each stacked expert matrix gets xavier's bound for its (D, H) shape, like the
-                # official nn.Linear experts; the router keeps nn.Linear's default (kaiming) init.
-                moe, D, H = block.moe, self.cfg.hidden_size, block.moe.w_down.shape[1]
-                bound = math.sqrt(6 / (D + H))
-                nn.init.uniform_(moe.w_gate_up, -bound, bound)
-                nn.init.uniform_(moe.w_down, -bound, bound)
-                moe.router.reset_parameters()
+            if hasattr(block, "moe"):  # undo the Xavier above where the official init differs
+                block.moe.reset_parameters()
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

@@ -290,3 +290,17 @@ def test_whole_model_compiles_fullgraph(dtype):
     torch.testing.assert_close(out_c, out_e, **tol)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_initialisation_follows_the_official_code():
+    # Router: nn.Linear's default U(-1/sqrt(D), 1/sqrt(D)); every expert projection (H x D):
+    # Xavier U(-b, b) with b = sqrt(6 / (D + H)); adaLN and the output layer start at zero.
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(**SMALL))
+    moe, D = net.blocks[0].moe, 64
+    bound = lambda w, b: abs(w.abs().max().item() / b - 1) < 0.02
+    assert bound(moe.router.weight, 1 / math.sqrt(D))
+    assert bound(moe.w_gate_up, math.sqrt(6 / (D + 4 * D))) and bound(moe.w_down, math.sqrt(6 / (D + 4 * D)))
+    assert bound(moe.shared.gate_up.weight, math.sqrt(6 / (D + 2 * D)))
+    assert bound(net.blocks[0].attn.qkv.weight, math.sqrt(6 / (D + 3 * D)))  # DiT's Xavier
+    assert torch.count_nonzero(net.blocks[0].adaLN_modulation[-1].weight) == 0

@@ -1,0 +1,240 @@
+"""
+Tests of moe.py: the grouped GEMM op, the fast MoE layer against a slow per-expert
+loop, the routing weights, the Eq. 5 balance loss, and torch.compile.
+
+Run: python -m pytest -q tests/test_moe.py
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import MoE, SwiGLU, grouped_mm
+
+
+# ----------------------------------------------------------------------------
+# Slow, obviously-correct references
+# ----------------------------------------------------------------------------
+
+def reference_moe(m, x):
+    """The MoE layer written the slow way, as the official code does it: copy each
+    token once per slot, run each expert on the slots that chose it (boolean mask),
+    weight and sum over slots, add the shared expert. Also returns the balance loss."""
+    N, T, D = x.shape
+    E, H, K = m.w_down.shape[0], m.w_down.shape[1], m.top_k
+    x = x.reshape(N * T, D)
+    scores = torch.softmax(x @ m.router.weight.T, dim=-1)  # (NT, E)
+    weight, expert = torch.topk(scores, K, dim=-1)  # (NT, K)
+    if m.renormalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    slots = x.repeat_interleave(K, dim=0)  # (NT*K, D), token t's slots are rows tK .. tK+K-1
+    out = torch.zeros_like(slots)
+    for e in range(E):
+        mask = expert.flatten() == e
+        if mask.any():
+            xe = slots[mask]
+            gate, up = xe @ m.w_gate_up[e, :, :H], xe @ m.w_gate_up[e, :, H:]
+            out[mask] = (F.silu(gate) * up) @ m.w_down[e]
+    y = (out.view(N * T, K, D) * weight[..., None]).sum(dim=1)
+    if m.shared is not None:
+        Hs = m.shared.down.weight.shape[1]
+        Wg, Wu = m.shared.gate_up.weight[:Hs], m.shared.gate_up.weight[Hs:]
+        y = y + (F.silu(x @ Wg.T) * (x @ Wu.T)) @ m.shared.down.weight.T
+    share = torch.stack([(expert == e).sum() for e in range(E)]) / (N * T * K)
+    balance = m.balance_alpha * (E * share * scores.mean(dim=0)).sum()
+    return y.view(N, T, D), balance
+
+
+def make_moe(seed=0, empty=False, **kw):
+    """A small layer and an input; with empty=True experts 1 and 3 can never be
+    chosen (x[..., 0] > 0 and their router weight on that coordinate is very negative)."""
+    torch.manual_seed(seed)
+    args = dict(dim=16, num_experts=4, top_k=2, hidden=32, shared_hidden=24)
+    args.update(kw)
+    m = MoE(**args)
+    x = torch.randn(2, 12, args["dim"])
+    if empty:
+        x[..., 0] = x[..., 0].abs() + 1
+        with torch.no_grad():
+            m.router.weight[[1, 3], 0] = -30.0
+    return m, x.requires_grad_()
+
+
+def grads(m, x, y, balance, g):
+    """Gradients of (y * g).sum() + balance w.r.t. x and every parameter."""
+    params = [x] + list(m.parameters())
+    return torch.autograd.grad((y * g).sum() + balance, params)
+
+# ----------------------------------------------------------------------------
+# The grouped GEMM op
+# ----------------------------------------------------------------------------
+
+def test_grouped_mm_matches_loop_with_empty_group():
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    offs = torch.tensor(np.cumsum(counts), dtype=torch.int32)
+    a = torch.randn(10, 8, requires_grad=True)
+    b = torch.randn(4, 8, 16, requires_grad=True)
+    g = torch.randn(10, 16)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    ref = torch.cat([a[s:t] @ b[e] for e, (s, t) in enumerate(zip(starts, ends))])
+    out = grouped_mm(a, b, offs)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    ga, gb = torch.autograd.grad((out * g).sum(), (a, b))
+    ra, rb = torch.autograd.grad((ref * g).sum(), (a, b))
+    torch.testing.assert_close(ga, ra, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb, rb, rtol=1e-6, atol=1e-6)
+    assert gb[1].abs().max() == 0  # the empty group gets an exact zero gradient
+    # .sum() hands backward a stride-0 gradient, which the raw kernel rejects
+    ga1, gb1 = torch.autograd.grad(grouped_mm(a, b, offs).sum(), (a, b))
+    ra1, rb1 = torch.autograd.grad(sum((a[s:t] @ b[e]).sum() for e, (s, t) in enumerate(zip(starts, ends))), (a, b))
+    torch.testing.assert_close(ga1, ra1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb1, rb1, rtol=1e-6, atol=1e-6)
+
+# ----------------------------------------------------------------------------
+# The layer against the reference loop
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("empty", [False, True])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared_hidden", [24, 0])
+def test_moe_matches_reference(empty, renormalize, shared_hidden):
+    m, x = make_moe(empty=empty, renormalize=renormalize, shared_hidden=shared_hidden)
+    m.train()
+    y, aux = m(x)
+    y_ref, balance_ref = reference_moe(m, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux["balance"], balance_ref, rtol=1e-6, atol=1e-8)
+    if empty:
+        assert aux["counts"][1] == 0 and aux["counts"][3] == 0
+    g = torch.randn_like(y)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    expected = {"x", "router.weight", "w_gate_up", "w_down"}
+    if shared_hidden:
+        expected |= {"shared.gate_up.weight", "shared.down.weight"}
+    assert set(names) == expected
+    for name, a, b in zip(names, grads(m, x, y, aux["balance"], g), grads(m, x, y_ref, balance_ref, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: f"{name}: {s}")
+
+
+def test_stride_zero_gradient_backward():
+    m, x = make_moe()
+    y, aux = m(x)
+    y.sum().backward()  # must not trip the kernel's stride check
+    y_ref, _ = reference_moe(m, x)
+    x_grad = x.grad.clone()
+    x.grad = None
+    y_ref.sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=1e-5, atol=1e-6)
+
+# ----------------------------------------------------------------------------
+# Routing and the balance loss
+# ----------------------------------------------------------------------------
+
+def hand_case():
+    """Two tokens whose softmax scores over E = 4 experts are exactly p and q:
+    x_t is the t-th unit vector and the router's column t holds log-probabilities."""
+    m = MoE(dim=8, num_experts=4, top_k=2, hidden=8, shared_hidden=0)
+    p, q = [0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[:, 0] = torch.tensor(p).log()
+        m.router.weight[:, 1] = torch.tensor(q).log()
+    x = torch.eye(8)[:2]  # (NT, D) = (2, 8)
+    return m, x
+
+
+def test_balance_loss_hand_worked():
+    m, x = hand_case()
+    # top-2: token 0 -> experts 0, 1; token 1 -> experts 0, 2. Of the 4 assignments
+    # expert 0 got 2, experts 1 and 2 one each: f = 4 * [2, 1, 1, 0] / 4 = [2, 1, 1, 0].
+    # P = mean of p and q = [0.45, 0.2, 0.25, 0.1]; sum f P = 0.9 + 0.2 + 0.25 = 1.35.
+    y, aux = m.train()(x[None])
+    torch.testing.assert_close(aux["balance"], torch.tensor(0.05 * 1.35))
+    torch.testing.assert_close(aux["counts"], torch.tensor([2.0, 1.0, 1.0, 0.0]))
+    token, expert, weight, _ = m.route_token(x)
+    pairs = sorted(zip(token.tolist(), expert.tolist(), weight.tolist()))
+    expect = [(0, 0, 0.4), (0, 1, 0.3), (1, 0, 0.5), (1, 2, 0.3)]
+    for (t, e, w), (te, ee, we) in zip(pairs, expect):
+        assert (t, e) == (te, ee) and w == pytest.approx(we, rel=1e-6)  # raw probabilities
+    # eval mode and alpha = 0 give no loss
+    assert m.eval()(x[None])[1]["balance"] == 0
+    m.train().balance_alpha = 0.0
+    assert m(x[None])[1]["balance"] == 0
+
+
+def test_balance_loss_and_routing_against_numpy():
+    m, x = make_moe(seed=1, num_experts=8, top_k=3, balance_alpha=0.01)
+    m.train()
+    _, aux = m(x)
+    xs = x.detach().reshape(-1, 16).double().numpy()
+    logits = xs @ m.router.weight.detach().double().numpy().T
+    s = np.exp(logits - logits.max(1, keepdims=True))
+    s /= s.sum(1, keepdims=True)
+    top = np.argsort(-s, axis=1)[:, :3]
+    counts = np.bincount(top.ravel(), minlength=8)
+    f = 8 * counts / top.size
+    np.testing.assert_allclose(aux["counts"].numpy(), counts)
+    np.testing.assert_allclose(aux["balance"].item(), 0.01 * (f * s.mean(0)).sum(), rtol=1e-5)
+    assert aux["counts"].sum() == 2 * 12 * 3
+    # weights are the raw top-k probabilities, renormalised to sum 1 only on request
+    token, expert, weight, _ = m.route_token(x.detach().reshape(-1, 16))
+    np.testing.assert_allclose(weight.detach().numpy(), s[token.numpy(), expert.numpy()], rtol=1e-5)
+    assert (np.sort(expert.view(-1, 3).numpy(), 1) == np.sort(top, 1)).all()
+    m.renormalize = True
+    _, _, weight, _ = m.route_token(x.detach().reshape(-1, 16))
+    torch.testing.assert_close(weight.view(-1, 3).sum(1), torch.ones(24))
+
+
+def test_autocast_runs_experts_in_bfloat16():
+    for shared_hidden in (24, 0):
+        m, x = make_moe(shared_hidden=shared_hidden)
+        y32, _ = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = m(x)
+        assert y.dtype == torch.bfloat16
+        assert (y.float() - y32).abs().max() <= 2e-2 * y32.abs().max()
+        y.float().sum().backward()
+        assert m.w_gate_up.grad.dtype == torch.float32 and m.w_gate_up.grad.abs().max() > 0
+
+
+def test_swiglu():
+    torch.manual_seed(0)
+    mlp = SwiGLU(8, 12)
+    x = torch.randn(3, 5, 8)
+    Wg, Wu = mlp.gate_up.weight[:12], mlp.gate_up.weight[12:]
+    expect = (F.silu(x @ Wg.T) * (x @ Wu.T)) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), expect)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown router"):
+        MoE(16, router="tokens")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        MoE(12)
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(16, num_experts=2, top_k=3)
+
+# ----------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_fullgraph_matches_eager(dtype):
+    m, x = make_moe(seed=2, empty=True)
+    m = m.to(dtype).train()
+    x = x.detach().to(dtype).requires_grad_()
+    g = torch.randn(x.shape, dtype=dtype)
+    y, aux = m(x)
+    expect = grads(m, x, y, aux["balance"], g)
+    torch._dynamo.reset()
+    y_c, aux_c = torch.compile(m, fullgraph=True)(x)
+    got = grads(m, x, y_c, aux_c["balance"], g)
+    # bfloat16: compiled code rounds at other places than eager, so compare with
+    # an error bound relative to each tensor's scale
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(aux_c["counts"], aux["counts"])
+    for a, b in zip([y_c, aux_c["balance"], *got], [y, aux["balance"], *expect]):
+        assert a.dtype == b.dtype and (a - b).abs().max() <= tol * b.abs().max()
+    torch._dynamo.reset()
