@@ -150,6 +150,10 @@ class GaussianDiffusion:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return self.timestep_map.to(x0.device)[i], self.q_sample(x0, i, noise), noise
 
+    def target(self, x0, noise):
+        """What the first C output channels predict: the noise epsilon (Ho et al. 2020 Eq. 14)."""
+        return noise
+
     def training_losses(self, out, x0, x_t, t, noise):
         """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: dict of (N,) "loss" = "mse" + "vb".
 
@@ -157,7 +161,7 @@ class GaussianDiffusion:
         """
         i = torch.searchsorted(self.timestep_map.to(t.device), t)
         C = x0.shape[1]
-        terms = {"mse": mean_flat((noise - out[:, :C]) ** 2)}  # L_simple, Ho et al. 2020 Eq. 14
+        terms = {"mse": mean_flat((self.target(x0, noise) - out[:, :C]) ** 2)}  # L_simple, Ho et al. Eq. 14
         if out.shape[1] == 2 * C:
             # L_vlb trains only the variance: with eps detached, the mean is learned by L_simple
             # alone (IDDPM Sec. 3.1, "stop-gradient" on the mean)
@@ -249,9 +253,13 @@ class RectifiedFlow:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return t, self.q_sample(x0, t, noise), noise
 
+    def target(self, x0, noise):
+        """What the first C output channels predict: the velocity v = dz_t/dt = eps - x_0."""
+        return noise - x0
+
     def training_losses(self, out, x0, x_t, t, noise):
         """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out are used."""
-        rf = mean_flat((noise - x0 - out[:, :x0.shape[1]]) ** 2)  # target v = dz_t/dt = eps - x_0
+        rf = mean_flat((self.target(x0, noise) - out[:, :x0.shape[1]]) ** 2)
         return {"loss": rf, "rf": rf}
 
     @torch.no_grad()

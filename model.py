@@ -37,8 +37,11 @@ class DiTConfig:
     num_experts: int = 8             # E routed experts per block; 0 = dense DiT (GELU MLP of width 4D)
     top_k: int = 2                   # K experts per token
     shared_hidden: int | None = None # width of the shared SwiGLU expert: None = 2D (paper n_s = 2), 0 = none
-    router: str = "token"            # token choice (DiT-MoE); see moe.py for the others
+    router: str = "token"            # "token" (DiT-MoE), "expert" (EC-DiT) or "race" (Race-DiT): moe.py
     balance_alpha: float = 0.05      # Eq. 5 alpha (paper value; the official code used 0.01)
+    capacity_factor: float = 1.0     # expert choice: each expert takes ceil(f T K / E) tokens per image
+    similarity_beta: float = 0.01    # race: weight of the router similarity loss (moe.py)
+    layer_reg: float = 0.0           # > 0: per-layer target heads (Race-DiT); the loss weight train.py uses
     input_size: int = 32             # latent height = width (256px images / VAE factor 8)
     in_channels: int = 4             # C
     num_classes: int = 1000
@@ -155,7 +158,8 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         if cfg.num_experts:
             self.moe = MoE(D, cfg.num_experts, cfg.top_k, shared_hidden=cfg.shared_hidden,
-                           router=cfg.router, balance_alpha=cfg.balance_alpha)
+                           router=cfg.router, balance_alpha=cfg.balance_alpha,
+                           capacity_factor=cfg.capacity_factor, similarity_beta=cfg.similarity_beta)
         else:
             self.mlp = Mlp(D)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -203,6 +207,13 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(D, cfg.input_size // p).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
+        if cfg.layer_reg > 0:
+            # Per-layer regularisation (Race-DiT): a head per block predicts the diffusion target from
+            # the block's output, so shallow blocks get a direct supervised gradient. Xavier init like
+            # every linear, not zero: a zero head would pass no gradient to the blocks until it grew.
+            self.layer_heads = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
+                              nn.Linear(D, p * p * cfg.in_channels)) for _ in range(cfg.depth))
         self.grad_checkpointing = False  # recompute block activations in backward (large sizes)
         self.initialize_weights()
 
@@ -231,27 +242,36 @@ class DiT(nn.Module):
     def unpatchify(self, x):
         # (N, T, p*p*C') -> (N, C', H, W) with T = (H/p) * (W/p)
         N, T, _ = x.shape
-        p, C, h = self.cfg.patch_size, self.cfg.out_channels, math.isqrt(T)
+        p, h = self.cfg.patch_size, math.isqrt(T)
+        C = x.shape[2] // p ** 2
         x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C', h, p, w, p)
         return x.reshape(N, C, h * p, h * p)
 
     def forward(self, x, t, y, return_aux=False):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
-        Returns (N, 2C, H, W); with return_aux also {"balance": summed Eq. 5 loss of all layers,
-        "load": (L, E) tokens per expert per layer}.
+        Returns (N, 2C, H, W); with return_aux also {"balance": summed router loss of all layers,
+        "load": (L, E) tokens per expert per layer}, and "layer_preds": (L, N, C, H, W), the
+        per-layer heads' predictions of the target, when cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
-        balance, loads = x.new_zeros(()), []
-        for block in self.blocks:
+        balance, loads, preds = x.new_zeros(()), [], []
+        for l, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x, b, counts = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x, b, counts = block(x, c)                                      # (N, T, D)
             balance, loads = balance + b, loads + [counts]
+            if return_aux and hasattr(self, "layer_heads"):
+                preds.append(self.layer_heads[l](x))                            # (N, T, p*p*C)
         x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
-        return (x, {"balance": balance, "load": torch.stack(loads)}) if return_aux else x
+        if not return_aux:
+            return x
+        aux = {"balance": balance, "load": torch.stack(loads)}
+        if preds:
+            aux["layer_preds"] = self.unpatchify(torch.cat(preds)).unflatten(0, (len(preds), -1))
+        return x, aux
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
         """Classifier-free guidance (Ho & Salimans 2022) in one batched call.

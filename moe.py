@@ -1,17 +1,22 @@
 """
 The mixture-of-experts layer of DiT-MoE: routed SwiGLU experts stored stacked, a
-shared SwiGLU expert that every token passes through, token-choice top-k routing
-and the expert-level balance loss of the paper (Eq. 5).
+shared SwiGLU expert that every token passes through, and three routers:
+  token   token-choice top-k with the balance loss of DiT-MoE (Eq. 5);
+  expert  expert choice of EC-DiT (Sun et al. 2024): each expert picks its tokens;
+  race    Expert Race of Race-DiT (Yuan et al. 2025): top-k over all token-expert
+          pairs, identity gating, an EMA threshold at inference, the router
+          similarity loss. Its per-layer regularisation lives in model.py.
+Also the balance measures of Race-DiT: max_violation and combination_usage.
 
-Dispatch is dropless and free of host syncs: the A = N*T*K (token, expert,
-weight) assignments are sorted by expert and the experts run as two grouped GEMMs
+Dispatch is free of host syncs: a router returns A (token, expert, weight)
+assignments, they are sorted by expert and the experts run as two grouped GEMMs
 over the sorted rows, so the layer costs about what a dense MLP of the same
 active width costs, and it compiles with torch.compile(fullgraph=True).
 
-    layer = MoE(dim=384, num_experts=8, top_k=2)
+    layer = MoE(dim=384, num_experts=8, top_k=2, router="race")
     y, aux = layer(x)              # x, y: (N, T, D); aux["balance"], aux["counts"]
 
-Tests: python -m pytest -q tests/test_moe.py
+Tests: python -m pytest -q tests/test_moe.py tests/test_routers.py
 """
 import math
 
@@ -20,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-ROUTERS = ("token",)  # a later issue adds "expert" (EC-DiT) and "race" (Race-DiT)
+ROUTERS = ("token", "expert", "race")  # DiT-MoE, EC-DiT, Race-DiT
+RACE_MOMENTUM = 0.99  # EMA of the race threshold per training forward: a memory of ~100 batches
 
 # ----------------------------------------------------------------------------
 # Grouped GEMM
@@ -30,18 +36,22 @@ ROUTERS = ("token",)  # a later issue adds "expert" (EC-DiT) and "race" (Race-Di
 # every dtype: one code path, and the kernel that runs is the built-in one anyway.
 
 @torch.library.custom_op("moe::grouped_mm", mutates_args=())
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, ragged: bool = False) -> Tensor:
     """Rows offs[e-1]:offs[e] of `a` form group e (offs: int32 cumulative ends).
     b of shape (E, P, Q): returns a_e @ b[e] for each group, (A, P) -> (A, Q).
-    b of shape (A, Q): returns a_e.T @ b_e for each group, (E, P, Q) (weight gradient)."""
+    b of shape (A, Q): returns a_e.T @ b_e for each group, (E, P, Q) (weight gradient).
+    ragged: offs[-1] may be < A (race inference); rows past it are ignored, and zero in the output."""
     a = a.contiguous()  # the kernel rejects the stride-0 gradients that .sum() hands back
     if b.dim() == 2:  # contract over the grouped rows: pass a column-major view of a
         return F.grouped_mm(a.t(), b.contiguous(), offs=offs)
-    return F.grouped_mm(a, b, offs=offs)
+    out = F.grouped_mm(a, b, offs=offs)
+    if ragged:  # the kernel leaves rows past offs[-1] uninitialised, maybe NaN: where, not a multiply
+        out = torch.where((torch.arange(a.shape[0], device=a.device) < offs[-1])[:, None], out, 0)
+    return out
 
 
 @grouped_mm.register_fake
-def _(a, b, offs):
+def _(a, b, offs, ragged=False):
     if b.dim() == 2:
         return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
     return a.new_empty(a.shape[0], b.shape[2])
@@ -49,13 +59,14 @@ def _(a, b, offs):
 
 def _grouped_mm_backward(ctx, grad):
     a, b, offs = ctx.saved_tensors
-    grad_a = grouped_mm(grad, b.transpose(1, 2), offs)  # (A, P) = grad_e @ b[e].T
+    grad_a = grouped_mm(grad, b.transpose(1, 2), offs, ctx.ragged)  # (A, P) = grad_e @ b[e].T
     grad_b = grouped_mm(a, grad, offs)  # (E, P, Q) = a_e.T @ grad_e
-    return grad_a, grad_b, None
+    return grad_a, grad_b, None, None
 
 
 def _grouped_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:3])
+    ctx.ragged = inputs[3]
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
@@ -93,11 +104,12 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts + shared expert. Returns (y, aux) with aux["balance"], the
-    Eq. 5 loss (zero outside training), and aux["counts"], assignments per expert."""
+    """Routed experts + shared expert. Returns (y, aux) with aux["balance"], the router's
+    loss (zero outside training), and aux["counts"], assignments per expert."""
 
     def __init__(self, dim, num_experts=8, top_k=2, hidden=None, shared_hidden=None,
-                 router="token", balance_alpha=0.05, renormalize=False):
+                 router="token", balance_alpha=0.05, renormalize=False, capacity_factor=1.0,
+                 similarity_beta=0.01):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
@@ -111,6 +123,9 @@ class MoE(nn.Module):
         self.routing, self.renormalize = router, renormalize
         # The paper uses alpha = 0.05 (Sec. 3.1); the official code hard-codes 0.01.
         self.balance_alpha = balance_alpha
+        self.capacity_factor, self.similarity_beta = capacity_factor, similarity_beta
+        if router == "race":  # NaN: no batch seen yet, the first one sets it
+            self.register_buffer("threshold", torch.tensor(float("nan")))
         self.router = nn.Linear(dim, num_experts, bias=False)
         # Expert e: gate weights w_gate_up[e, :, :H], up weights w_gate_up[e, :, H:].
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
@@ -127,15 +142,22 @@ class MoE(nn.Module):
         if self.shared is not None:
             self.shared.reset_parameters()
 
-    def route_token(self, x):
-        """Token choice: each token takes its top-k experts, weighted by their raw
-        softmax probabilities. Returns the flat assignment list (token, expert,
-        weight), each (A,) with A = NT * K, and the router's losses."""
-        scores = F.linear(x.float(), self.router.weight.float()).softmax(dim=-1)  # (NT, E)
+    def route(self, x):
+        """The configured router on x (N, T, D), by its training or its inference rule (self.training);
+        no side effects. Returns the flat assignment list (token, expert, weight), each (A,), token
+        indexing the N*T rows, and the router's losses. Expert id E: a race candidate not selected."""
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32, autocast or not
+            s = F.linear(x.float(), self.router.weight.float())  # (N, T, E) router logits
+            return getattr(self, "route_" + self.routing)(s)
+
+    def route_token(self, s):
+        """Token choice: each token takes its top-k experts, weighted by their raw softmax
+        probabilities. A = NT * K."""
+        scores = s.reshape(-1, s.shape[-1]).softmax(dim=-1)  # (NT, E)
         weight, expert = scores.topk(self.top_k, dim=-1)  # (NT, K)
         if self.renormalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        token = torch.arange(scores.shape[0], device=s.device).repeat_interleave(self.top_k)
         expert = expert.flatten()
         balance = scores.new_zeros(())
         if self.training and self.balance_alpha > 0:
@@ -146,27 +168,99 @@ class MoE(nn.Module):
             balance = self.balance_alpha * (f * scores.mean(dim=0)).sum()
         return token, expert, weight.flatten(), {"balance": balance}
 
-    def experts(self, x, token, expert, weight):
-        """y[t] = shared(x[t]) + sum over assignments (t, e, w) of w * expert_e(x[t]),
-        every input (A,). Returns y (NT, D) and the number of assignments per expert (E,)."""
+    def route_expert(self, s):
+        """Expert choice (EC-DiT, after Zhou et al. 2022): in each image, each expert takes the C tokens
+        with the highest softmax probability, weighted by it, C = ceil(capacity_factor * T * K / E);
+        a token gets 0..E experts. A = N * E * C. Balanced by construction: no loss."""
+        (N, T, E), K = s.shape, self.top_k
+        # Within each image, not across the batch: across it, one sample's tokens would push another's
+        # out, leaking between batch mates. Per image, the training rule is also the sampling rule.
+        C = min(T, math.ceil(self.capacity_factor * T * K / E))
+        scores = s.softmax(dim=-1)  # (N, T, E)
+        weight, token = scores.transpose(1, 2).topk(C, dim=-1)  # (N, E, C), token index within its image
+        token = token + T * torch.arange(N, device=s.device)[:, None, None]
+        expert = torch.arange(E, device=s.device)[None, :, None].expand(N, E, C)
+        return token.flatten(), expert.flatten(), weight.flatten(), {"balance": s.new_zeros(())}
+
+    def route_race(self, s):
+        """Expert Race (Race-DiT): the logits are the gates (identity gating, no softmax). Training: the
+        N*T*K largest of the batch's N*T*E logits win, A = N*T*K (forward() keeps an EMA of the smallest
+        winner as the threshold). Inference: pair (t, e) runs iff s > threshold, a per-token rule, so a
+        sample never depends on its batch mates; A = N*T*E candidates."""
+        (N, T, E), K = s.shape, self.top_k
+        pair = torch.arange(N * T * E, device=s.device)  # pair p = (token p // E, expert p % E)
+        if not self.training:
+            # Static shapes, no host sync: unselected candidates get expert id E, so experts() sorts them
+            # last and leaves them out of the offsets (their rows are zeroed, their weight unused).
+            expert = torch.where(s.flatten() > self.threshold, pair % E, E)
+            return pair // E, expert, s.flatten(), {"balance": s.new_zeros(())}
+        weight, pair = s.flatten().topk(N * T * K)  # (A,)
+        return pair // E, pair % E, weight, {"balance": self.similarity_loss(s.flatten(0, 1))}
+
+    def similarity_loss(self, s):
+        """Router similarity loss (Race-DiT; our reading, the exact formula is not in the material we
+        have): s (NT, E) logits, each expert's column standardised over the tokens; C = Z^T Z / NT is
+        the E x E correlation matrix; beta * mean of C_ij^2 over i != j. Experts with correlated
+        affinities race for the same tokens: 2-in-4 collapses into 1-in-2 (Fig. 4). The loss is at
+        most beta (collinear experts), ~beta / NT for independent ones; beta = 0.01 by default, the
+        official DiT-MoE balance weight, a regulariser well below the diffusion loss."""
+        E = s.shape[1]
+        z = (s - s.mean(dim=0)) / (s.std(dim=0, correction=0) + 1e-6)  # (NT, E)
+        c = z.T @ z / s.shape[0]  # (E, E), diagonal 1
+        return self.similarity_beta * (c.square().sum() - c.diagonal().square().sum()) / (E * (E - 1))
+
+    def experts(self, x, token, expert, weight, ragged=False):
+        """y[t] = shared(x[t]) + sum over assignments (t, e, w) with e < E of w * expert_e(x[t]),
+        every input (A,); ragged: some ids are E. Returns y (NT, D) and assignments per expert (E,)."""
         expert, order = expert.sort(stable=True)  # group assignments by expert
         token, weight = token[order], weight[order]
-        # offs[e] = number of assignments to experts <= e: the group ends grouped_mm wants;
-        # the last one is A, so no row of the sorted block is left uninitialised.
+        # offs[e] = number of assignments to experts <= e: the group ends grouped_mm wants. The
+        # last one is A unless ragged: then rows past it (expert id E) come out zero.
         experts = torch.arange(self.num_experts, device=x.device)
         offs = torch.searchsorted(expert, experts, right=True, out_int32=True)  # (E,)
         counts = torch.diff(offs, prepend=offs.new_zeros(1))
-        h = grouped_mm(x.index_select(0, token), self.w_gate_up, offs)  # (A, 2H)
+        h = grouped_mm(x.index_select(0, token), self.w_gate_up, offs, ragged)  # (A, 2H)
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_mm(F.silu(gate) * up, self.w_down, offs)  # (A, D)
+        h = grouped_mm(F.silu(gate) * up, self.w_down, offs, ragged)  # (A, D)
         h = h * weight[:, None].to(h.dtype)  # routing weights are float32
         y = self.shared(x) if self.shared is not None else h.new_zeros(x.shape)  # (NT, D)
         return y.index_add_(0, token, h), counts
 
     def forward(self, x):
         N, T, D = x.shape
-        x = x.reshape(N * T, D)
-        token, expert, weight, aux = getattr(self, "route_" + self.routing)(x)  # each (A,)
-        y, counts = self.experts(x, token, expert, weight)  # Eq. 3 + shared, (NT, D)
+        token, expert, weight, aux = self.route(x)  # each (A,)
+        if self.routing == "race" and self.training:  # (gradient checkpointing's recompute repeats this)
+            with torch.no_grad():  # the race threshold: EMA of the K-th largest logit, the last to get in
+                last = weight.min()
+                self.threshold.copy_(torch.where(self.threshold.isnan(), last,
+                                                 torch.lerp(self.threshold, last, 1 - RACE_MOMENTUM)))
+        ragged = self.routing == "race" and not self.training  # inference leaves unselected candidates
+        y, counts = self.experts(x.reshape(N * T, D), token, expert, weight, ragged)  # Eq. 3 + shared
         aux["counts"] = counts.detach().float()
         return y.reshape(N, T, D), aux
+
+# ----------------------------------------------------------------------------
+# Balance measures (Race-DiT Sec. on load balance, Table 2)
+# ----------------------------------------------------------------------------
+
+def max_violation(counts):
+    """MaxVio: max_e load_e / mean_e load_e - 1 over the last dim, counts (..., E) -> (...). The usual
+    definition (Wang et al. 2024, loss-free balancing); the material we have does not spell it out."""
+    counts = counts.float()
+    return counts.amax(dim=-1) / counts.mean(dim=-1) - 1
+
+
+def assignment_mask(token, expert, num_tokens, num_experts):
+    """(NT, E) bool, which experts each token used, from a router's (token, expert) lists."""
+    mask = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=token.device)
+    return mask.index_put_((token, expert), torch.ones_like(token, dtype=torch.bool))[:, :num_experts]
+
+
+def combination_usage(mask):
+    """Combination usage as Race-DiT Fig. 13 computes it: mask (NT, E) bool. Count the tokens that
+    use each expert pair i < j together, sort the counts descending, normalise; the share of the
+    E(E-1)/2 pairs whose cumulative sum stays below 95%. Near 0.95 when all pairs are used evenly."""
+    m = mask.float()
+    i, j = torch.triu_indices(m.shape[1], m.shape[1], offset=1, device=m.device)
+    pairs = (m.T @ m)[i, j].sort(descending=True).values  # co-activation counts, largest first
+    return ((pairs / pairs.sum()).cumsum(0) < 0.95).float().mean()

@@ -316,6 +316,20 @@ def test_rf_path_and_loss():
     torch.testing.assert_close(zero["rf"], ((noise - x0) ** 2).mean(dim=(1, 2, 3)))
 
 
+def test_targets_are_what_the_output_predicts():
+    # DDPM: the epsilon that Eq. 4 solves for from x_t; RF: dz_t/dt by a central difference.
+    x0 = torch.randn(3, 4, 2, 2, generator=generator(12))
+    noise = torch.randn(3, 4, 2, 2, generator=generator(13))
+    ddpm, i = GaussianDiffusion(), torch.tensor([0, 500, 999])
+    abar = ddpm.alphas_cumprod[i].float().view(-1, 1, 1, 1)
+    eps = (ddpm.q_sample(x0, i, noise) - abar.sqrt() * x0) / (1 - abar).sqrt()
+    torch.testing.assert_close(ddpm.target(x0, noise), eps, atol=1e-4, rtol=1e-4)
+    rf, t, h = RectifiedFlow(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), 1e-4
+    x0, noise = x0.double(), noise.double()
+    velocity = (rf.q_sample(x0, t + h, noise) - rf.q_sample(x0, t - h, noise)) / (2 * h)
+    torch.testing.assert_close(rf.target(x0, noise), velocity)
+
+
 def test_rf_logit_normal_quantiles():
     n = 200_000
     t, _, _ = RectifiedFlow().training_inputs(torch.zeros(n, 1, 1, 1, dtype=torch.float64), generator(12))

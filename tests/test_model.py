@@ -49,6 +49,14 @@ def official_state_dict(cfg, qk_norm=False, gen=None):
     return sd
 
 
+def patchify(x, p):
+    """(N, C, H, W) -> (N, T, p*p*C) by slicing, one patch at a time, in the (row, col, p, p, C)
+    order of the linear heads."""
+    h = x.shape[-1] // p
+    return torch.stack([x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(0, 2, 3, 1).flatten(1)
+                        for i in range(h) for j in range(h)], dim=1)
+
+
 def swiglu(x, gate, up, down):
     """The official MoeMLP written out: down_proj(silu(gate_proj(x)) * up_proj(x))."""
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
@@ -110,11 +118,7 @@ def test_timestep_embedding_by_hand():
 def test_unpatchify_inverts_patchify():
     net = DiT(DiTConfig(**SMALL, learn_sigma=False))
     x = torch.randn(2, 4, 8, 8)
-    # Patchify by slicing, one patch at a time, in the (row, col, p, p, C) order of the linear head.
-    p, h = 2, 4
-    tokens = torch.stack([x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(0, 2, 3, 1).flatten(1)
-                          for i in range(h) for j in range(h)], dim=1)
-    assert torch.equal(net.unpatchify(tokens), x)
+    assert torch.equal(net.unpatchify(patchify(x, 2)), x)
 
 
 def test_adaln_zero_init_gives_zero_output():
@@ -194,6 +198,16 @@ def test_load_our_checkpoint_prefers_ema(tmp_path):
     assert torch.equal(net.blocks[0].moe.w_down, model.from_official(b)["blocks.0.moe.w_down"])
 
 
+def test_race_checkpoint_keeps_thresholds_and_heads(tmp_path):
+    cfg = DiTConfig(**SMALL, router="race", layer_reg=0.1)
+    sd = DiT(cfg).state_dict()
+    sd["blocks.1.moe.threshold"] = torch.tensor(0.25)  # what training left behind
+    torch.save({"config": vars(cfg), "ema": sd}, tmp_path / "race.pt")
+    net = model.load(tmp_path / "race.pt")
+    assert net.blocks[1].moe.threshold == 0.25 and net.blocks[0].moe.threshold.isnan()
+    assert torch.equal(net.layer_heads[1][1].weight, sd["layer_heads.1.1.weight"])
+
+
 def test_bad_checkpoints_say_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         model.load(tmp_path / "missing.pt")
@@ -239,8 +253,11 @@ def test_cfg_scale_one_is_conditional_and_channels_guided():
     torch.testing.assert_close(legacy[:, 3], cond[:, 3], atol=1e-5, rtol=1e-5)  # 4th channel unguided
 
 
-def test_sample_does_not_depend_on_batch_mates():
-    net = random_net()
+@pytest.mark.parametrize("router", ["token", "expert", "race"])
+def test_sample_does_not_depend_on_batch_mates(router):
+    net = random_net(router=router)
+    for block in net.blocks if router == "race" else []:
+        block.moe.threshold.fill_(0.0)  # as if trained: a pair runs iff its logit > 0
     x, t, y = torch.randn(5, 4, 8, 8), torch.randint(0, 1000, (5,)), torch.randint(0, 10, (5,))
     alone = torch.cat([net(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(5)])
     torch.testing.assert_close(net(x, t, y), alone, atol=1e-5, rtol=1e-5)
@@ -261,6 +278,31 @@ def test_aux_outputs_and_gradient_checkpointing():
     (out2.square().mean() + aux2["balance"]).backward()
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_experts", [4, 0])
+def test_layer_heads_predict_the_target_from_each_block(num_experts):
+    net = random_net(layer_reg=0.1, num_experts=num_experts)
+    plain = DiT(DiTConfig(**(SMALL | dict(num_experts=num_experts))))
+    assert not any("layer_heads" in k for k in plain.state_dict())  # official layouts stay as they are
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("layer_heads.")})
+    hidden = []  # each block's output, captured by hooks
+    for block in net.blocks:
+        block.register_forward_hook(lambda mod, args, out: hidden.append(out[0]))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
+    out, aux = net(x, t, y, return_aux=True)
+    preds = aux["layer_preds"]
+    assert preds.shape == (2, 3, 4, 8, 8)  # (L, N, C, H, W): C, not the 2C of the output
+    for l, h in enumerate(hidden):
+        lin = net.layer_heads[l][1]
+        expect = F.layer_norm(h, (64,), eps=1e-6) @ lin.weight.T + lin.bias  # (N, T, p*p*C)
+        torch.testing.assert_close(patchify(preds[l], 2), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, plain.eval()(x, t, y), atol=1e-6, rtol=1e-6)  # the output is unchanged
+    assert "layer_preds" not in plain(x, t, y, return_aux=True)[1]
+    # Freshly initialised, the heads already pass gradient into the blocks (a zero head would not).
+    fresh = DiT(DiTConfig(**(SMALL | dict(num_experts=num_experts, layer_reg=0.1))))
+    fresh(x, t, y, return_aux=True)[1]["layer_preds"][0].square().mean().backward()
+    assert fresh.blocks[0].adaLN_modulation[-1].weight.grad.abs().max() > 0
 
 
 def test_dense_size_has_dit_layout():
