@@ -171,11 +171,11 @@ class RoutingStats:
 
     def hook(self, layer, moe, inputs):
         x = inputs[0]  # (N or 2N, T, D): the conditional half first when CFG doubles the batch
-        N, (_, T, D) = len(self.labels), x.shape
-        route = getattr(moe, "route", None) or moe.route_token  # `route`: once moe.py has several routers
-        # Route the whole batch (a router may look across tokens), keep the conditional images.
-        token, expert = route(x.reshape(-1, D))[:2]
-        keep = token < N * T
+        N, T = len(self.labels), x.shape[1]
+        # Route the whole batch with the layer's own (inference) rule, keep the conditional
+        # images; race marks an unselected candidate pair with expert id E.
+        token, expert = moe.route(x)[:2]
+        keep = (token < N * T) & (expert < moe.num_experts)
         token, expert = token[keep], expert[keep]
         ones = torch.ones_like(expert)
         self.counts["class"][layer].index_put_((self.labels[token // T], expert), ones, accumulate=True)
