@@ -34,7 +34,8 @@ class DiTConfig:
     hidden_size: int = 384           # D
     num_heads: int = 6
     patch_size: int = 2
-    num_experts: int = 8             # E routed experts per block; 0 = dense DiT (GELU MLP of width 4D)
+    num_experts: int = 8             # E routed experts per block; 0 = dense DiT (GELU MLP)
+    mlp_ratio: float = 4.0           # dense MLP width / D (DiT: 4; 15 matches T/2-4E2A's active FLOPs)
     top_k: int = 2                   # K experts per token
     shared_hidden: int | None = None # width of the shared SwiGLU expert: None = 2D (paper n_s = 2), 0 = none
     router: str = "token"            # "token" (DiT-MoE), "expert" (EC-DiT) or "race" (Race-DiT): moe.py
@@ -135,10 +136,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """DiT's dense MLP (Eq. 4): fc2(gelu(fc1(x))), width 4D. Used by the dense sizes."""
-    def __init__(self, dim):
+    """DiT's dense MLP (Eq. 4): fc2(gelu(fc1(x))), width 4D in DiT. Used by the dense sizes."""
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -161,7 +162,7 @@ class DiTBlock(nn.Module):
                            router=cfg.router, balance_alpha=cfg.balance_alpha,
                            capacity_factor=cfg.capacity_factor, similarity_beta=cfg.similarity_beta)
         else:
-            self.mlp = Mlp(D)
+            self.mlp = Mlp(D, int(cfg.mlp_ratio * D))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c):
@@ -300,7 +301,7 @@ SIZES = {  # name: (depth, hidden D, heads, qk_norm as in the released checkpoin
 }
 NAMES = (["S/2-8E2A", "S/2-16E2A", "B/2-8E2A", "L/2-8E2A", "XL/2-8E2A", "G/2-16E2A", "T/2-4E2A"]
          + [f"{s}/{p}-8E2A" for s in ("S", "B", "L", "XL") for p in (4, 8)]
-         + ["S/2", "B/2", "L/2", "XL/2"])
+         + ["S/2", "B/2", "L/2", "XL/2", "T/2"])
 
 
 def config_from_name(name, **overrides):
@@ -332,7 +333,7 @@ def count(cfg):
     # FLOPs counted like DiT (one multiply-add = one FLOP), every matmul included. (The paper's
     # Table 1 used thop, which misses the experts' F.linear calls, hence its smaller numbers.)
     shared = 2 * D if cfg.shared_hidden is None else cfg.shared_hidden
-    mlp = E * D + K * 3 * D * 4 * D + 3 * D * shared if E else 8 * D * D
+    mlp = E * D + K * 3 * D * 4 * D + 3 * D * shared if E else 2 * D * int(cfg.mlp_ratio * D)
     per_token = cfg.depth * (4 * D * D + 2 * T * D + mlp) + 3 * cfg.patch_size ** 2 * cfg.in_channels * D
     per_image = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D  # adaLN and t-embedder MLPs
     return total, active, (T * per_token + per_image) / 1e9
