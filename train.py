@@ -52,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm import tqdm
 
 from diffusion import create_objective
-from model import DiT, config_from_name
+from model import DiT, DiTConfig, config_from_name
+from moe import max_violation
 
 SHARD_SIZE = 10_000  # images per latent shard file
 
@@ -224,6 +225,8 @@ def update_ema(ema, model, decay):
     # buffer). Sharded, each rank updates its own shards: the same arithmetic, element by element.
     local = lambda net: [p.to_local() if isinstance(p, DTensor) else p for p in net.parameters()]
     torch._foreach_lerp_(local(ema), local(model), 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):  # running statistics (race thresholds): copied
+        b_ema.copy_(b)
 
 
 def memory_estimate(n_params, world, sharded):
@@ -246,7 +249,8 @@ def summarize(sums, load, world, steps, seconds, args, device):
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # Linux: KiB
                 load_min=share.min(1).values.tolist() if share.numel() else [],
-                load_max=share.max(1).values.tolist() if share.numel() else [])
+                load_max=share.max(1).values.tolist() if share.numel() else [],
+                maxvio=max_violation(share).mean().item() if share.numel() else 0.0)  # Race-DiT's MaxVio
 
 
 def micro_seed(seed, step, micro):
@@ -353,7 +357,7 @@ def main(args):
         fail("set --max-steps or --epochs")
 
     # Model, EMA, optimizer
-    cfg = config_from_name(args.model, objective=args.objective, **shape)
+    cfg = config_from_name(args.model, **dict(objective=args.objective, router=args.router, **shape) | args.set)
     ckpt_path, ckpt = read_checkpoint(args.resume, cfg) if args.resume else (None, None)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = DiT(cfg)
@@ -402,6 +406,7 @@ def main(args):
     # bf16: autocast with DDP; FSDP2 casts the gathered weights itself (its MixedPrecisionPolicy)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded)
     sums, load, t_start, s_start = {}, 0, time.time(), step
+    thresholds = [m.threshold for m in model.modules() if hasattr(m, "threshold")]
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
@@ -424,8 +429,13 @@ def main(args):
                     with amp:
                         out, aux = forward(x_t, t, ym, return_aux=True)
                     terms = objective.training_losses(out.float(), x0, x_t, t, noise)
-                    # the balance loss takes the same 1/A scaling as the diffusion loss
-                    ((terms["loss"].mean() + aux["balance"]) / A).backward()
+                    loss = terms["loss"].mean() + aux["balance"]
+                    if cfg.layer_reg:  # Race-DiT per-layer regularisation: every block predicts the target
+                        err = aux["layer_preds"].float() - objective.target(x0, noise)  # (L, N, C, H, W)
+                        terms["layer_reg"] = err.square().mean(dim=(0, 2, 3, 4))       # (N,)
+                        loss = loss + cfg.layer_reg * terms["layer_reg"].mean()
+                    # the router losses take the same 1/A scaling as the diffusion loss
+                    (loss / A).backward()
                 for k in sorted(terms, key=lambda k: k != "loss"):  # the same order on every rank
                     sums[k] = sums.get(k, 0) + terms[k].detach().mean() / A
                 sums["balance"] = sums.get("balance", 0) + aux["balance"].detach() / A
@@ -434,6 +444,10 @@ def main(args):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()  # once per global batch, however many micro-batches made it
             opt.zero_grad(set_to_none=True)
+            if world > 1 and thresholds:  # each rank's race thresholds saw its own batches: average them
+                flat = torch.stack(thresholds)
+                dist.all_reduce(flat)
+                torch._foreach_copy_(thresholds, list(flat.div_(world).unbind()))
             update_ema(ema, model, args.ema_decay)
             step += 1
             bar.update()
@@ -468,6 +482,10 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--model", default="T/2-4E2A",
         help="size from model.py's registry (paper: S/2-8E2A ... G/2-16E2A; T is the tiny demo size)")
+    add("--router", choices=["token", "expert", "race"], default="token",
+        help="token choice (DiT-MoE), expert choice (EC-DiT) or Expert Race (Race-DiT); see moe.py")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a DiTConfig field, e.g. --set layer_reg=0.1 (Race-DiT) --set capacity_factor=1.25")
     add("--objective", choices=["ddpm", "rf"], default="ddpm",
         help="DDPM with learned sigma (paper; the official S, B) or rectified flow (the official XL, G)")
     add("--data-path", help="image folder, one sub-folder per class (ImageNet layout); unset: built-in digits")
@@ -502,9 +520,22 @@ def parse_args(argv=None):
     add("--grad-checkpointing", action="store_true", help="recompute block activations in the backward pass")
     add("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
+    defaults = DiTConfig()
+    overrides = {}
+    for item in args.set:  # FIELD=VALUE, the value parsed as the type of the field's default
+        key, _, value = item.partition("=")
+        if not hasattr(defaults, key):
+            fail(f"--set {item}: unknown config field {key!r}; fields: {', '.join(vars(defaults))}")
+        kind = type(getattr(defaults, key))
+        try:
+            overrides[key] = (value.lower() in ("1", "true") if kind is bool
+                              else int(value) if getattr(defaults, key) is None else kind(value))
+        except ValueError:
+            fail(f"--set {item}: {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
+    args.set = overrides
     try:
-        config_from_name(args.model)
-    except ValueError as e:
+        config_from_name(args.model, **overrides)
+    except (ValueError, TypeError) as e:
         fail(e)
     if args.extract_latents and not (args.data_path and args.latents_path):
         fail("--extract-latents needs --data-path (images) and --latents-path (output folder)")

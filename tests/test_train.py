@@ -203,7 +203,27 @@ def test_latent_shards_encode_then_train(tmp_path):
         assert (cfg["latent_space"], cfg["in_channels"], cfg["input_size"], cfg["num_classes"]) == (True, 4, 16, 2)
 
 
+def test_race_router_trains_with_layer_reg_on_two_processes(tmp_path):
+    # Race-DiT: per-layer regularisation is logged, the inference thresholds are averaged over
+    # ranks, reach the EMA (buffers are copied, not averaged) and are finite; race's training
+    # routing does not use them, so the weights still equal one process with 2 micro-batches.
+    race = ["--router", "race", "--set", "layer_reg=0.1"]
+    checked(*QUICK, *race, "--results-dir", tmp_path / "two", nproc=2)
+    checked(*QUICK, *race, "--grad-accum", 2, "--results-dir", tmp_path / "one")
+    two, one = checkpoint(tmp_path / "two", STEPS), checkpoint(tmp_path / "one", STEPS)
+    assert two["config"]["router"] == "race" and two["config"]["layer_reg"] == 0.1
+    thresholds = {k: v for k, v in two["model"].items() if k.endswith("threshold")}
+    assert len(thresholds) == 4 and all(torch.isfinite(v) for v in thresholds.values())
+    assert all(torch.equal(two["ema"][k], v) for k, v in thresholds.items())
+    weights = lambda sd: {k: v for k, v in sd.items() if not k.endswith("threshold")}
+    assert_close(weights(two["model"]), weights(one["model"]), atol=1e-6)
+    rec = records(tmp_path / "two")[-1]
+    assert rec["layer_reg"] > 0 and rec["maxvio"] >= 0
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--set", "depth=x"], "error: --set depth=x: 'x' is not an int"),
+    (["--set", "colour=red"], "error: --set colour=red: unknown config field 'colour'"),
     (["--data-path", "/no/such/folder"], "error: data path /no/such/folder is not a folder"),
     (["--model", "Q/2-8E2A"], "error: unknown model 'Q/2-8E2A'"),
     (["--global-batch-size", 10, "--grad-accum", 4], "error: --global-batch-size 10 does not split"),
