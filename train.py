@@ -202,6 +202,7 @@ def setup_distributed():
     rank, local_rank, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     # the device comes from the LOCAL rank: the global rank names no GPU on the second node
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     if "RANK" in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
