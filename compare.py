@@ -1,7 +1,7 @@
 """
 Dense vs token choice vs expert choice vs Expert Race at equal active compute, on the digits.
 
-    python compare.py                 # 4 runs of train.py + evaluation (CPU: ~25 minutes)
+    python compare.py                 # 4 runs of train.py + evaluation (2-core CPU: ~30 minutes)
     python compare.py --steps 100     # a quick look
 
 Every run trains with train.py's demo defaults (batch 128, lr 1e-3, EMA 0.995) for the same
@@ -76,7 +76,7 @@ def plot_losses(curves, path, size=(640, 400), pad=50):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (train.py's demo default)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (the README's table)")
     p.add_argument("--out", default="results/compare", help="folder for the runs and the summary")
     p.add_argument("--samples", type=int, default=500, help="guided samples per run for accuracy and FD")
     args = p.parse_args()
