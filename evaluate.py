@@ -200,9 +200,10 @@ def load_inception(path, device):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """Fréchet distance between N(mu1, S1) and N(mu2, S2), the FID of Heusel et
     al. 2017:  |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2).  S1 S2 is similar
-    to the symmetric PSD sqrt(S1) S2 sqrt(S1), so tr sqrt(S1 S2) is the sum of the
-    roots of that matrix's eigenvalues: two symmetric eigendecompositions in
-    float64 instead of ADM's scipy.linalg.sqrtm of the non-symmetric product."""
+    to the symmetric PSD R^T S2 R for any S1 = R R^T (Cholesky, or the PSD root
+    when S1 is singular), so tr sqrt(S1 S2) is the sum of the roots of that
+    matrix's eigenvalues: symmetric eigenvalues in float64 instead of ADM's
+    scipy.linalg.sqrtm of the non-symmetric product."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2):
@@ -210,10 +211,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("statistics contain NaN or infinity")
 
-    def product_eigenvalues(a, b):  # of sqrt(a) b sqrt(a)
-        w, v = np.linalg.eigh(a)
-        root = (v * np.sqrt(w.clip(min=0))) @ v.T  # clip: rounding pushes zero eigenvalues below 0
-        return np.linalg.eigvalsh(root @ b @ root)
+    def product_eigenvalues(a, b):  # of R^T b R with a = R R^T: similar to a b, and symmetric
+        try:  # a positive definite (the usual case): its Cholesky factor, far cheaper than eigh
+            root = np.linalg.cholesky(a)
+            m = root.T @ b @ root
+        except np.linalg.LinAlgError:  # singular a (fewer samples than dimensions): its PSD sqrt
+            w, v = np.linalg.eigh(a)
+            root = (v * np.sqrt(w.clip(min=0))) @ v.T  # clip: rounding pushes zero eigenvalues below 0
+            m = root @ b @ root
+        return np.linalg.eigvalsh(m)
 
     try:
         lam = product_eigenvalues(s1, s2)

@@ -78,19 +78,19 @@ def test_frechet_identical_singular_statistics_is_zero():
     assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-7
 
 
-def test_frechet_retries_with_eps_when_eigh_fails(monkeypatch):
+def test_frechet_retries_with_eps_when_eigvalsh_fails(monkeypatch):
     # ADM adds eps to both diagonals when the product is too singular to root,
     # for tr sqrt(S1 S2) only: the traces keep the original covariances
     rng = np.random.default_rng(4)
     a, b = rng.uniform(0.1, 2, 4), rng.uniform(0.1, 2, 4)
-    eigh, calls = np.linalg.eigh, []
+    eigvalsh, calls = np.linalg.eigvalsh, []
 
     def failing_once(m):
         calls.append(1)
         if len(calls) == 1:
             raise np.linalg.LinAlgError("no convergence")
-        return eigh(m)
-    monkeypatch.setattr(ev.np.linalg, "eigh", failing_once)
+        return eigvalsh(m)
+    monkeypatch.setattr(ev.np.linalg, "eigvalsh", failing_once)
     with pytest.warns(UserWarning, match="singular"):
         got = ev.frechet_distance(np.zeros(4), np.diag(a), np.zeros(4), np.diag(b), eps=0.5)
     assert got == pytest.approx(a.sum() + b.sum() - 2 * np.sqrt((a + 0.5) * (b + 0.5)).sum(), rel=1e-10)
@@ -513,3 +513,15 @@ def test_cli_error_is_one_line():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1
     assert "missing.npz" in run.stderr
+
+
+def test_frechet_singular_covariance_matches_sqrtm():
+    # S1 of rank 3 in 6-d: Cholesky fails, the PSD-root route must give sqrtm's value
+    import scipy.linalg
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((4, 6)), rng.standard_normal((50, 6))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(s1)
+    expect = np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert ev.frechet_distance(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(expect, rel=1e-8)
