@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from diffusion import create_objective
 from model import CheckpointError, load
+from train import load_vae, setup_distributed  # shared with training: one VAE loader, one launcher
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's demo classes for ImageNet models
 
@@ -116,15 +117,6 @@ def sample_images(net, obj, args, indices, labels, vae=None, stats=None, progres
         x = x.expand(-1, 3, -1, -1)
     x = (127.5 * x + 128).clamp(0, 255).to(torch.uint8)  # exactly DiT's conversion, so FIDs compare
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (N, H, W, 3), C order as evaluate.py reads
-
-
-def load_vae(name, device):
-    from diffusers.models import AutoencoderKL  # imported only for latent models: a slow import
-    try:
-        return AutoencoderKL.from_pretrained(name).to(device).eval()
-    except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
-        sys.exit(f"error: cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local "
-                 "copy of stabilityai/sd-vae-ft-ema, or allow the download from the Hugging Face hub")
 
 
 def write_npz(path, arrays, shape):
@@ -301,18 +293,6 @@ def run_fid(net, obj, args, vae, settings, rank, world, stats):
 # ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
-
-def setup_distributed():
-    """(rank, world size, device). torchrun sets RANK; a plain `python sample.py` is one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():  # LOCAL_RANK, not RANK: the GPU index on this node (multi-node safe)
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def main(argv=None):
     args = parse_args(argv)

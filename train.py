@@ -124,14 +124,19 @@ class LatentShards(Dataset):
         return torch.stack([s["mean"][j], s["std"][j]]), s["label"][j]
 
 
-def load_vae(args, device):
-    """The VAE and the latent shape (channels, size) of --image-size images (SD: 4, size / 8)."""
-    from diffusers import AutoencoderKL
+def load_vae(name, device):
+    """The Stable Diffusion VAE (diffusers AutoencoderKL, hub name or local folder), frozen."""
+    from diffusers import AutoencoderKL  # imported only for latent models: a slow import
     try:
-        vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the VAE {args.vae!r}: {str(e).splitlines()[0]}")
-    return vae, (vae.config.latent_channels, args.image_size // 2 ** (len(vae.config.block_out_channels) - 1))
+        return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+    except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
+        fail(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
+             "stabilityai/sd-vae-ft-ema, or allow the download from the Hugging Face hub")
+
+
+def latent_shape(vae, image_size):
+    """(channels, size) of the latents of image_size images (SD: 4, image_size / 8)."""
+    return vae.config.latent_channels, image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def setup_data(args, device):
@@ -149,7 +154,8 @@ def setup_data(args, device):
         return data, encode, dict(input_size=m["latent_size"], in_channels=m["channels"],
                                   num_classes=len(m["classes"]), latent_space=True)
     if args.data_path:
-        data, (vae, (channels, size)) = ImageFolder(args.data_path, args.image_size), load_vae(args, device)
+        data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
+        channels, size = latent_shape(vae, args.image_size)
         @torch.no_grad()
         def encode(x):  # uint8 -> [-1, 1], flip half (the paper's only augmentation), posterior sample
             x = x.float() / 127.5 - 1
@@ -170,7 +176,8 @@ def extract_latents(args, rank, world, device):
         fail(f"{out} already holds latent shards; choose an empty folder")
     if world > 1:
         dist.barrier()  # every rank has looked before any rank writes
-    data, (vae, (channels, size)) = ImageFolder(args.data_path, args.image_size), load_vae(args, device)
+    data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
+    channels, size = latent_shape(vae, args.image_size)
     out.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(data, args.global_batch_size // world, sampler=range(rank, len(data), world),
                         num_workers=args.num_workers)
