@@ -9,10 +9,10 @@ Speed of the pieces that matter, measured in one run so the ratios hold on a noi
    K = 2, shared expert) against a dense SwiGLU of the same active FLOPs (hidden K*4D + 2D:
    the physical limit of a dropless MoE, 1.00x) and against a per-expert loop with boolean
    masks (the official implementation's approach), float32 and bfloat16, eager and compiled.
-2. A full training step (forward, backward, AdamW): images/s and achieved GFLOP/s as a share
-   of this machine's large-matmul throughput, measured in the same run.
+2. A full training step (forward, backward, AdamW), eager and compiled, set up as train.py sets
+   it up: images/s and achieved GFLOP/s as a share of this machine's large-matmul throughput.
 3. Sampling: images/s of 250-step DDPM with classifier-free guidance.
-4. The Frechet distance at d = 2048: evaluate.py's eigh route against scipy.linalg.sqrtm.
+4. The Frechet distance at d = 2048: evaluate.py's Cholesky route against scipy.linalg.sqrtm.
 Variants are interleaved round by round and each row reports the median over rounds.
 """
 import argparse
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusion import create_objective
 from model import count, create_model
 from moe import MoE, SwiGLU
+from train import keep_freed_memory
 
 
 def sync(device):
@@ -112,25 +113,29 @@ def bench_model(args, device, peak_tflops):
         overrides = dict(input_size=8, num_classes=10) if args.quick else {}
         net = create_model(name, **overrides).to(device)
         cfg, batch = net.cfg, (4 if args.quick else 8)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
         obj = create_objective(cfg.objective)
         x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
         y = torch.randint(0, cfg.num_classes, (batch,), device=device)
         autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
-        def train_step():
+        def train_step(forward):
             t, x_t, noise = obj.training_inputs(x0)
             with autocast:
-                out, aux = net(x_t, t, y, return_aux=True)
+                out, aux = forward(x_t, t, y, return_aux=True)
             loss = obj.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean() + aux["balance"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        sec = interleaved({"step": train_step}, args.rounds, device)["step"]
-        # DiT counts a multiply-add as one FLOP; a training step is ~3 forward passes, 2 FLOPs each.
-        tflops = 3 * 2 * count(cfg)[2] * 1e9 * batch / sec / 1e12
-        rows.append([f"train step {name}", f"batch {batch}", f"{batch / sec:.2f} img/s",
-                     f"{tflops:.2f} TFLOP/s = {tflops / peak_tflops:.0%} of matmul"])
+        fns = {"eager": lambda: train_step(net)}
+        if args.compile:  # what train.py --compile does
+            compiled = torch.compile(net)
+            fns["compiled"] = lambda: train_step(compiled)
+        for variant, sec in interleaved(fns, args.rounds, device).items():
+            # DiT counts a multiply-add as one FLOP; a training step is ~3 forward passes, 2 FLOPs each.
+            tflops = 3 * 2 * count(cfg)[2] * 1e9 * batch / sec / 1e12
+            rows.append([f"train step {name}", f"batch {batch} {variant}", f"{batch / sec:.2f} img/s",
+                         f"{tflops:.2f} TFLOP/s = {tflops / peak_tflops:.0%} of matmul"])
 
         # Sampling: a few guided DDPM steps timed, the 250-step cost extrapolated from them.
         net.eval()
@@ -178,6 +183,8 @@ def main():
     args = p.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 10)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train.py does on CPU
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_tflops(device, dtype, 512 if args.quick else 4096, args.rounds)
