@@ -85,14 +85,17 @@ def bench_moe_layer(args, device):
         dense = SwiGLU(D, K * 4 * D + 2 * D).to(device, dtype)  # same active FLOPs per token
         x = torch.randn(N, T, D, device=device, dtype=dtype, requires_grad=True)
 
-        # Forward + backward of a scalar loss; each variant computes y (N, T, D) its own way.
-        step = lambda forward: (lambda: forward().float().square().mean().backward())
+        # Forward + backward of a scalar loss; each variant computes y (N, T, D) its own way. The
+        # gradients are returned, not accumulated into .grad: a training step after zero_grad does that.
+        def step(forward, net):
+            inputs = [x, *net.parameters()]
+            return lambda: torch.autograd.grad(forward().float().square().mean(), inputs)
         moe_c, dense_c = torch.compile(moe, fullgraph=True), torch.compile(dense, fullgraph=True)
-        fns = {"moe": step(lambda: moe(x)[0]), "dense": step(lambda: dense(x)),
-               "loop": step(lambda: loop_moe(moe, x))}
+        fns = {"moe": step(lambda: moe(x)[0], moe), "dense": step(lambda: dense(x), dense),
+               "loop": step(lambda: loop_moe(moe, x), moe)}
         if args.compile:
-            fns["moe compiled"] = step(lambda: moe_c(x)[0])
-            fns["dense compiled"] = step(lambda: dense_c(x))
+            fns["moe compiled"] = step(lambda: moe_c(x)[0], moe)
+            fns["dense compiled"] = step(lambda: dense_c(x), dense)
         t = interleaved(fns, args.rounds, device)
         name = str(dtype).removeprefix("torch.")
         for variant, base in [("moe", "dense"), ("loop", "dense"), ("moe compiled", "dense compiled")]:

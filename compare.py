@@ -31,7 +31,7 @@ from evaluate import frechet_distance
 from model import count, load
 from moe import assignment_mask, combination_usage
 from sample import sample_images, write_grid
-from train import load_digits
+from data import load_digits
 
 RUNS = {  # name: train.py flags
     "dense": ["--model", "T/2", "--set", "mlp_ratio=15"],

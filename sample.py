@@ -31,9 +31,10 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from data import load_vae
 from diffusion import create_objective
 from model import CheckpointError, load
-from train import load_vae, setup_distributed  # shared with training: one VAE loader, one launcher
+from train import setup_distributed  # one launcher for training and sampling
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's demo classes for ImageNet models
 
@@ -109,7 +110,7 @@ def sample_images(net, obj, args, indices, labels, vae=None, stats=None, progres
     x = obj.sample(model_fn, noise, sampler=args.sampler, num_steps=args.num_sampling_steps,
                    randn=randn, progress=progress)
     if vae is not None:
-        x = vae.decode(x / 0.18215).sample  # SD latents were scaled by 0.18215 for unit variance
+        x = vae.decode(x / vae.config.scaling_factor).sample  # SD: latents were scaled by 0.18215
     if not torch.isfinite(x).all():  # the official repo has NaN reports at XL: never write such images
         raise FloatingPointError(f"non-finite values in the samples of images {indices[0]}..{indices[-1]}; "
                                  "nothing was saved for them")

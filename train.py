@@ -30,7 +30,6 @@ spread over processes, and it resumes exactly without saving RNG states.
 Tests: python -m pytest -q tests/test_train.py
 """
 import argparse
-import bisect
 import contextlib
 import ctypes
 import dataclasses
@@ -49,157 +48,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
+from data import extract_latents, fail, setup_data
 from diffusion import create_objective
 from model import DiT, DiTConfig, config_from_name
 from moe import max_violation
-
-SHARD_SIZE = 10_000  # images per latent shard file
-
-
-def fail(msg):
-    """Bad input: one line on stderr and exit status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-# ----------------------------------------------------------------------------
-# Data: built-in digits, an image folder (through the VAE), or latent shards
-# ----------------------------------------------------------------------------
-
-def load_digits():
-    """scikit-learn's 1,797 real 8x8 digits (ink 0..16) as pixels in [-1, 1], (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    d = sklearn_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
-    return TensorDataset(x, torch.tensor(d.target))
-
-
-def center_crop(img, size):
-    # ADM's recipe, as DiT: halve with a box filter while the short side is >= 2 * size (cheap
-    # anti-aliasing), bicubic to the exact short side, then the center square.
-    from PIL import Image
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-class ImageFolder(Dataset):
-    """root/<class>/<image>, classes sorted by name; items: uint8 (3, S, S) center crops, label."""
-    def __init__(self, root, size):
-        self.classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
-        self.files = [(f, i) for i, c in enumerate(self.classes) for f in sorted((Path(root) / c).iterdir())
-                      if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
-        if not self.files:
-            fail(f"{root} holds no images in class sub-folders (ImageNet layout: {root}/<class>/<image>.jpg)")
-        self.size = size
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        img = center_crop(Image.open(self.files[i][0]).convert("RGB"), self.size)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1), self.files[i][1]
-
-
-class LatentShards(Dataset):
-    """The shards of --extract-latents, memory-mapped. Item: (2, 2, C, h, w) = (posterior mean, std)
-    x (image, its mirror image), scaled; flips and posterior samples are drawn at train time."""
-    def __init__(self, root):
-        self.meta = json.loads((Path(root) / "meta.json").read_text())
-        files = sorted(Path(root).glob("shard-*.pt"))
-        self.shards = [torch.load(f, mmap=True, weights_only=True) for f in files]
-        self.ends = np.cumsum([len(s["label"]) for s in self.shards]).tolist()
-
-    def __len__(self):
-        return self.ends[-1]
-
-    def __getitem__(self, i):
-        k = bisect.bisect_right(self.ends, i)
-        s, j = self.shards[k], i - (self.ends[k - 1] if k else 0)
-        return torch.stack([s["mean"][j], s["std"][j]]), s["label"][j]
-
-
-def load_vae(name, device):
-    """The Stable Diffusion VAE (diffusers AutoencoderKL, hub name or local folder), frozen."""
-    from diffusers import AutoencoderKL  # imported only for latent models: a slow import
-    try:
-        return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
-    except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
-        fail(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
-             "stabilityai/sd-vae-ft-ema, or allow the download from the Hugging Face hub")
-
-
-def latent_shape(vae, image_size):
-    """(channels, size) of the latents of image_size images (SD: 4, image_size / 8)."""
-    return vae.config.latent_channels, image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def setup_data(args, device):
-    """(dataset, encode, shape): encode maps a raw batch on the device to the model's input x0 with
-    the seeded RNG; shape holds the model overrides input_size, in_channels, num_classes, latent_space."""
-    if args.latents_path:
-        if not (Path(args.latents_path) / "meta.json").is_file():
-            fail(f"no latent shards in {args.latents_path} (write them with --extract-latents)")
-        data = LatentShards(args.latents_path)
-        def encode(x):  # (N, 2, 2, C, h, w): the image or its flip, then z = mean + std * eps
-            x, flip = x.float(), (torch.rand(len(x), device=x.device) < 0.5).long()
-            mean, std = x[torch.arange(len(x), device=x.device), :, flip].unbind(1)  # each (N, C, h, w)
-            return mean + std * torch.randn_like(std)
-        m = data.meta
-        return data, encode, dict(input_size=m["latent_size"], in_channels=m["channels"],
-                                  num_classes=len(m["classes"]), latent_space=True)
-    if args.data_path:
-        data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
-        channels, size = latent_shape(vae, args.image_size)
-        @torch.no_grad()
-        def encode(x):  # uint8 -> [-1, 1], flip half (the paper's only augmentation), posterior sample
-            x = x.float() / 127.5 - 1
-            x = torch.where((torch.rand(len(x), device=x.device) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-            return vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # SD: 0.18215
-        return data, encode, dict(input_size=size, in_channels=channels, num_classes=len(data.classes),
-                                  latent_space=True)
-    # no flips for digits: a mirrored digit is a different glyph
-    return load_digits(), lambda x: x, dict(input_size=8, in_channels=1, num_classes=10, latent_space=False)
-
-
-@torch.no_grad()
-def extract_latents(args, rank, world, device):
-    """Encode --data-path once: the scaled posterior mean and std of each image and of its mirror
-    image. Process r encodes images r, r + world, ... into its own shards."""
-    out = Path(args.latents_path)
-    if any(out.glob("shard-*.pt")):
-        fail(f"{out} already holds latent shards; choose an empty folder")
-    if world > 1:
-        dist.barrier()  # every rank has looked before any rank writes
-    data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
-    channels, size = latent_shape(vae, args.image_size)
-    out.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(data, args.global_batch_size // world, sampler=range(rank, len(data), world),
-                        num_workers=args.num_workers)
-    s, parts, shard = vae.config.scaling_factor, [], 0
-    for i, (x, y) in enumerate(tqdm(loader, desc="encoding", disable=rank != 0)):
-        x = x.to(device).float() / 127.5 - 1
-        post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist  # both orientations in one call
-        stack = lambda v: torch.stack((v * s).chunk(2), 1).half().cpu()  # (N, 2, C, h, w)
-        parts.append((stack(post.mean), stack(post.std), y))
-        if sum(len(p[2]) for p in parts) >= SHARD_SIZE or i == len(loader) - 1:
-            mean, std, label = (torch.cat(p) for p in zip(*parts))
-            save_atomic({"mean": mean, "std": std, "label": label}, out / f"shard-{rank:03d}-{shard:05d}.pt")
-            parts, shard = [], shard + 1
-    if world > 1:
-        dist.barrier()
-    if rank == 0:  # written last: its presence means every shard is complete
-        meta = dict(image_size=args.image_size, latent_size=size, channels=channels, classes=data.classes,
-                    vae=args.vae, count=len(data))
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
-        print(f"wrote latents of {len(data)} images and their flips to {out}")
-
 
 # ----------------------------------------------------------------------------
 # Distribution, EMA, seeds

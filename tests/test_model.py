@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import model
 from model import DiTConfig, DiT, CheckpointError
+from official_layout import to_official
 
 # A small official-style config: every code path of the big ones, in milliseconds.
 SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, num_experts=4, top_k=2,
@@ -141,9 +142,9 @@ def test_official_layout_loads_and_round_trips(tmp_path, qk_norm):
     net = DiT(cfg)
     result = net.load_state_dict(ours, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
-    back = model.to_official(ours, qk_norm)
+    back = to_official(ours, qk_norm)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-    again = model.from_official(model.to_official(net.state_dict(), qk_norm))
+    again = model.from_official(to_official(net.state_dict(), qk_norm))
     assert all(torch.equal(again[k], v) for k, v in net.state_dict().items())
     # Every container the official loader accepts, with the architecture read off the file.
     for i, wrap in enumerate([lambda s: {"ema": s}, lambda s: {"model": s}, lambda s: s]):

@@ -16,7 +16,8 @@ from PIL import Image
 
 import sample
 from diffusion import create_objective
-from model import create_model, to_official
+from model import create_model
+from official_layout import to_official
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
