@@ -87,18 +87,25 @@ def bench_moe_layer(args, device):
 
         # Forward + backward of a scalar loss; each variant computes y (N, T, D) its own way. The
         # gradients are returned, not accumulated into .grad: a training step after zero_grad does that.
-        def step(forward, net):
-            inputs = [x, *net.parameters()]
-            return lambda: torch.autograd.grad(forward().float().square().mean(), inputs)
+        def step(forward, net, inputs=lambda: x):
+            def run():
+                x_in = inputs()
+                return torch.autograd.grad(forward(x_in).float().square().mean(), [x_in, *net.parameters()])
+            return run
         moe_c, dense_c = torch.compile(moe, fullgraph=True), torch.compile(dense, fullgraph=True)
-        fns = {"moe": step(lambda: moe(x)[0], moe), "dense": step(lambda: dense(x), dense),
-               "loop": step(lambda: loop_moe(moe, x), moe)}
+        # The same x every call repeats the routing; in training it changes every step, and with it
+        # the group sizes: "moe, new routing" draws another x (same statistics) for each call.
+        fresh = [torch.randn_like(x).requires_grad_() for _ in range(args.rounds + 1)]
+        fns = {"moe": step(lambda x: moe(x)[0], moe), "dense": step(dense, dense),
+               "loop": step(lambda x: loop_moe(moe, x), moe),
+               "moe, new routing": step(lambda x: moe(x)[0], moe, inputs=fresh.pop)}
         if args.compile:
-            fns["moe compiled"] = step(lambda: moe_c(x)[0], moe)
-            fns["dense compiled"] = step(lambda: dense_c(x), dense)
+            fns["moe compiled"] = step(lambda x: moe_c(x)[0], moe)
+            fns["dense compiled"] = step(dense_c, dense)
         t = interleaved(fns, args.rounds, device)
         name = str(dtype).removeprefix("torch.")
-        for variant, base in [("moe", "dense"), ("loop", "dense"), ("moe compiled", "dense compiled")]:
+        for variant, base in [("moe", "dense"), ("moe, new routing", "dense"), ("loop", "dense"),
+                              ("moe compiled", "dense compiled")]:
             if variant in t:
                 rows.append([f"MoE layer {name}", variant, f"{t[variant] * 1e3:.1f} ms",
                              f"{t[variant] / t[base]:.2f}x {base}"])

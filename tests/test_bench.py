@@ -13,4 +13,4 @@ def test_bench_quick_runs(tmp_path):
     for row in ["matmul", "MoE layer float32", "MoE layer bfloat16", "train step T/2-4E2A",
                 "sampling T/2-4E2A", "Frechet d=256"]:
         assert row in out.stdout
-    assert (tmp_path / "b.json").read_text().count("MoE layer") == 4
+    assert (tmp_path / "b.json").read_text().count("MoE layer") == 6  # moe, moe with new routing, loop; two dtypes
