@@ -10,6 +10,8 @@ on the fly, or latent shards that --extract-latents writes once (the ImageNet pa
 
 setup_data() hands train.py a dataset of raw items and an `encode` that turns a batch of them
 into the model's x0 on the device, drawing flips and posterior samples from the seeded RNG.
+
+Tests: python -m pytest -q tests/test_train.py
 """
 import bisect
 import json
@@ -28,7 +30,6 @@ SHARD_SIZE = 10_000  # images per latent shard file
 def fail(msg):
     """Bad input: one line on stderr and exit status 1, no traceback."""
     sys.exit(f"error: {msg}")
-
 
 
 def load_digits():

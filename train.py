@@ -212,10 +212,10 @@ def point_latest(run):
 def main(args):
     # Setup distributed
     rank, world, device = setup_distributed()
-    cuda, A = device.type == "cuda", args.grad_accum
-    if args.global_batch_size % (world * A):
+    cuda, accum = device.type == "cuda", args.grad_accum  # micro-batches per process and step
+    if args.global_batch_size % (world * accum):
         fail(f"--global-batch-size {args.global_batch_size} does not split into "
-             f"{world} processes x {A} micro-batches")
+             f"{world} processes x {accum} micro-batches")
     local_batch, bf16 = args.global_batch_size // world, cuda and not args.fp32
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
@@ -272,8 +272,8 @@ def main(args):
     mem = memory_estimate(n_params, world, sharded)
     log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {cfg.num_classes} classes, input {cfg.in_channels}x"
         f"{cfg.input_size}x{cfg.input_size} {'latents' if cfg.latent_space else 'pixels'}, {len(data)} images")
-    log(f"batch: global {args.global_batch_size} = {world} processes x {A} micro-batches x {local_batch // A}; "
-        f"{steps_per_epoch} steps/epoch; steps {step} -> {total}")
+    log(f"batch: global {args.global_batch_size} = {world} processes x {accum} micro-batches x "
+        f"{local_batch // accum}; {steps_per_epoch} steps/epoch; steps {step} -> {total}")
     mode = "sharded" if sharded else "DDP" if world > 1 else "single process"
     log(f"memory per {'GPU' if cuda else 'process'}, {mode} "
         f"(activations excluded): " + " + ".join(f"{k} {v:.2f}" for k, v in mem.items())
@@ -295,13 +295,13 @@ def main(args):
                             num_workers=0 if isinstance(data, TensorDataset) else args.num_workers)
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for m in range(A):
-                # Micro-batch g = rank + world * m holds samples g, g + world * A, ... of the step's
+            for m in range(accum):
+                # Micro-batch g = rank + world * m holds samples g, g + world * accum, ... of the step's
                 # global batch: the same images and draws however the micro-batches are spread.
                 torch.manual_seed(micro_seed(args.global_seed, step, rank + world * m))
-                x0, ym = encode(x[m::A]), y[m::A]
+                x0, ym = encode(x[m::accum]), y[m::accum]
                 t, x_t, noise = objective.training_inputs(x0)
-                last = m == A - 1  # gradients are reduced over processes once, in the last backward
+                last = m == accum - 1  # gradients are reduced over processes once, in the last backward
                 if sharded:
                     model.set_requires_gradient_sync(last)
                 with ddp.no_sync() if ddp and not last else contextlib.nullcontext():
@@ -313,11 +313,11 @@ def main(args):
                         err = aux["layer_preds"].float() - objective.target(x0, noise)  # (L, N, C, H, W)
                         terms["layer_reg"] = err.square().mean(dim=(0, 2, 3, 4))       # (N,)
                         loss = loss + cfg.layer_reg * terms["layer_reg"].mean()
-                    # the router losses take the same 1/A scaling as the diffusion loss
-                    (loss / A).backward()
+                    # the router losses take the same 1/accum scaling as the diffusion loss
+                    (loss / accum).backward()
                 for k in sorted(terms, key=lambda k: k != "loss"):  # the same order on every rank
-                    sums[k] = sums.get(k, 0) + terms[k].detach().mean() / A
-                sums["balance"] = sums.get("balance", 0) + aux["balance"].detach() / A
+                    sums[k] = sums.get(k, 0) + terms[k].detach().mean() / accum
+                sums["balance"] = sums.get("balance", 0) + aux["balance"].detach() / accum
                 load = load + aux["load"]  # (L, E) assignments per expert
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
