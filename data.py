@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 SHARD_SIZE = 10_000  # images per latent shard file
+VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE: the default of train.py and sample.py
 
 
 def fail(msg):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import load_vae
+from data import VAE, load_vae
 from diffusion import create_objective
 from model import CheckpointError, load
 from train import setup_distributed  # one launcher for training and sampling
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass and process (also the FID chunk size); does not change the images")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+    p.add_argument("--vae", default=VAE,
                    help="hub name or local folder of the SD VAE for latent models (paper: ft-ema)")
     p.add_argument("--out", default="sample.png", help="grid PNG; the settings go to the same name with .json")
     p.add_argument("--num-fid-samples", type=int, default=0,

@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from data import extract_latents, fail, setup_data
+from data import VAE, extract_latents, fail, setup_data
 from diffusion import create_objective
 from model import DiT, DiTConfig, config_from_name
 from moe import max_violation
@@ -372,7 +372,7 @@ def parse_args(argv=None):
     add("--extract-latents", action="store_true",
         help="encode --data-path into shards at --latents-path (posterior mean and std, both flips), then exit")
     add("--image-size", type=int, default=256, help="center-crop size of --data-path images (paper: 256, 512)")
-    add("--vae", default="stabilityai/sd-vae-ft-ema",
+    add("--vae", default=VAE,
         help="diffusers AutoencoderKL, hub name or local folder (paper: sd-vae-ft-ema)")
     add("--num-classes", type=int, help="class-table size, if more than the classes in the data")
     add("--num-workers", type=int, default=4, help="data-loading processes per GPU for folders and shards")
