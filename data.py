@@ -97,7 +97,7 @@ def load_vae(name, device):
         return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
     except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
         fail(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
-             "stabilityai/sd-vae-ft-ema, or allow the download from the Hugging Face hub")
+             f"{VAE}, or allow the download from the Hugging Face hub")
 
 
 def latent_shape(vae, image_size):
@@ -155,7 +155,7 @@ def extract_latents(args, rank, world, device):
         parts.append((stack(post.mean), stack(post.std), y))
         if sum(len(p[2]) for p in parts) >= SHARD_SIZE or i == len(loader) - 1:
             mean, std, label = (torch.cat(p) for p in zip(*parts))
-            # plain writes: meta.json, written after every shard, is what marks the set complete
+            # plain writes: meta.json, written by rank 0 once every rank is done, marks the set complete
             torch.save({"mean": mean, "std": std, "label": label}, out / f"shard-{rank:03d}-{shard:05d}.pt")
             parts, shard = [], shard + 1
     if world > 1:

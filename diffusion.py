@@ -5,7 +5,7 @@ DDPM (the S and B checkpoints, as DiT): Ho et al. 2020 with epsilon prediction,
 the learned-range variance and hybrid loss of Nichol & Dhariwal 2021 (IDDPM),
 timestep respacing, ancestral and DDIM sampling. Rectified flow (the XL and G
 checkpoints): the straight path and velocity target of the official DiT-MoE
-code (REFERENCE.md §3) with an Euler sampler. Only the paths we use are here.
+code (feizhengcong/DiT-MoE, its RF training script) with an Euler sampler. Only the paths we use are here.
 
     from diffusion import create_objective
     obj = create_objective("ddpm")                                   # or "rf"
@@ -231,7 +231,7 @@ class GaussianDiffusion:
 # ----------------------------------------------------------------------------
 
 class RectifiedFlow:
-    """Rectified flow as the official DiT-MoE code trains XL and G (REFERENCE.md §3).
+    """Rectified flow as the official DiT-MoE code trains XL and G.
 
     z_t = (1 - t) x + t eps runs in a straight line from data (t = 0) to noise (t = 1); the
     model predicts its velocity dz/dt = eps - x and embeds the raw t in [0, 1].
@@ -282,10 +282,13 @@ class RectifiedFlow:
 # Registry
 # ----------------------------------------------------------------------------
 
+OBJECTIVES = ("ddpm", "rf")
+
+
 def create_objective(name, num_sampling_steps=None):
     """ddpm: GaussianDiffusion (respaced to num_sampling_steps if given); rf: RectifiedFlow."""
     if name == "ddpm":
         return GaussianDiffusion(respacing=num_sampling_steps)
     if name == "rf":
         return RectifiedFlow() if num_sampling_steps is None else RectifiedFlow(num_sampling_steps)
-    raise ValueError(f"unknown objective {name!r}; valid: ddpm, rf")
+    raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")

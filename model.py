@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moe import MoE
+from moe import EXPERT_RATIO, SHARED_RATIO, MoE
 
 
 # ----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def timestep_embedding(t, dim=256, max_period=10000):
 
 
 class TimestepEmbedder(nn.Module):
-    """The sinusoidal code of t (256 frequencies), then an MLP."""
+    """The sinusoidal code of t (freq_dim = 256 wide: 128 frequencies, cos and sin), then an MLP."""
     def __init__(self, dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
@@ -166,10 +166,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c):
-        # x (N, T, D), c (N, D) -> x (N, T, D), balance loss (scalar), tokens per expert (E,)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        # x (N, T, D), c (N, D) -> x (N, T, D), router loss (scalar), assignments per expert (E,)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # each (N, D)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        h = modulate(self.norm2(x), shift2, scale2)
+        h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
         if hasattr(self, "moe"):
             h, aux = self.moe(h)
             balance, counts = aux["balance"], aux["counts"]
@@ -179,6 +179,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN (shift and scale, no gate) and a linear map of each token to its p x p x 2C patch."""
     def __init__(self, cfg):
         super().__init__()
         D = cfg.hidden_size
@@ -196,11 +197,12 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------
 
 class DiT(nn.Module):
+    """Patchify + position table, t and y embedded into c, depth adaLN-Zero blocks, final layer, unpatchify."""
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
-        self.x_embedder = nn.Module()
+        self.x_embedder = nn.Module()  # a shell, so the key stays DiT's x_embedder.proj.*
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
@@ -241,18 +243,18 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x):
-        # (N, T, p*p*C') -> (N, C', H, W) with T = (H/p) * (W/p)
+        # (N, T, p*p*C) -> (N, C, H, W) with T = (H/p) * (W/p); C is 2C for the model output
         N, T, _ = x.shape
         p, h = self.cfg.patch_size, math.isqrt(T)
         C = x.shape[2] // p ** 2
-        x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C', h, p, w, p)
+        x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
         return x.reshape(N, C, h * p, h * p)
 
     def forward(self, x, t, y, return_aux=False):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
         Returns (N, 2C, H, W); with return_aux also {"balance": summed router loss of all layers,
-        "load": (L, E) tokens per expert per layer}, and "layer_preds": (L, N, C, H, W), the
+        "load": (L, E) assignments per expert per layer}, and "layer_preds": (L, N, C, H, W), the
         per-layer heads' predictions of the target, when cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
@@ -324,15 +326,18 @@ def count(cfg):
     with torch.device("meta"):
         net = DiT(cfg)
     total = sum(p.numel() for p in net.parameters())
-    # A token runs K of the E routed experts, each 3 matrices of D x 4D.
+    # A token runs K of the E routed experts, each 3 matrices of D x H.
     D, T, E, K = cfg.hidden_size, cfg.num_tokens, cfg.num_experts, cfg.top_k
-    active = total - cfg.depth * (E - K) * 3 * D * 4 * D
+    H = EXPERT_RATIO * D
+    active = total - cfg.depth * (E - K) * 3 * D * H
     # FLOPs counted like DiT (one multiply-add = one FLOP), every matmul included. (The paper's
     # Table 1 used thop, which misses the experts' F.linear calls, hence its smaller numbers.)
-    shared = 2 * D if cfg.shared_hidden is None else cfg.shared_hidden
-    mlp = E * D + K * 3 * D * 4 * D + 3 * D * shared if E else 2 * D * int(cfg.mlp_ratio * D)
-    per_token = cfg.depth * (4 * D * D + 2 * T * D + mlp) + 3 * cfg.patch_size ** 2 * cfg.in_channels * D
-    per_image = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D  # adaLN and t-embedder MLPs
+    shared = SHARED_RATIO * D if cfg.shared_hidden is None else cfg.shared_hidden
+    mlp = E * D + K * 3 * D * H + 3 * D * shared if E else 2 * D * int(cfg.mlp_ratio * D)
+    patch = cfg.patch_size ** 2 * (cfg.in_channels + cfg.out_channels) * D  # patch embedding + final linear
+    per_token = cfg.depth * (4 * D * D + 2 * T * D + mlp) + patch  # qkv + proj, attention, MLP
+    freq_dim = 256  # TimestepEmbedder's
+    per_image = cfg.depth * 6 * D * D + 2 * D * D + freq_dim * D + D * D  # adaLN and t-embedder MLPs
     return total, active, (T * per_token + per_image) / 1e9
 
 
@@ -379,11 +384,11 @@ def config_from_state_dict(sd, top_k=2):
     if qk_norm:  # the per-head LayerNorm reveals the head width
         heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
     else:        # the paper's sizes, else DiT's head width of 64
-        heads = {384: 6, 768: 12, 1024: 16, 1152: 16, 1408: 16}.get(D, max(D // 64, 1))
+        heads = {D_: h for name, (_, D_, h, _) in SIZES.items() if name != "T"}.get(D, max(D // 64, 1))
     return DiTConfig(
         depth=depth, hidden_size=D, num_heads=heads, patch_size=p, num_experts=experts,
         top_k=top_k if experts else 0,
-        shared_hidden=None if shared is None or shared.shape[0] == 2 * D else shared.shape[0],
+        shared_hidden=None if shared is None or shared.shape[0] == SHARED_RATIO * D else shared.shape[0],
         input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, in_channels=C,
         num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, qk_norm=qk_norm,
         learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * C,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ROUTERS = ("token", "expert", "race")  # DiT-MoE, EC-DiT, Race-DiT
+EXPERT_RATIO, SHARED_RATIO = 4, 2  # routed expert width 4D; shared expert width 2D (paper: n_s = 2)
 RACE_MOMENTUM = 0.99  # EMA of the race threshold per training forward: a memory of ~100 batches
 
 # ----------------------------------------------------------------------------
@@ -113,14 +114,14 @@ class MoE(nn.Module):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
-        hidden = 4 * dim if hidden is None else hidden
-        shared_hidden = 2 * dim if shared_hidden is None else shared_hidden
+        hidden = EXPERT_RATIO * dim if hidden is None else hidden
+        shared_hidden = SHARED_RATIO * dim if shared_hidden is None else shared_hidden
         if dim % 8 or hidden % 8:  # grouped_mm needs rows aligned to 16 bytes
             raise ValueError(f"MoE widths must be multiples of 8, got dim={dim}, hidden={hidden}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.routing, self.renormalize = router, renormalize
+        self.router_kind, self.renormalize = router, renormalize
         # The paper uses alpha = 0.05 (Sec. 3.1); the official code hard-codes 0.01.
         self.balance_alpha = balance_alpha
         self.capacity_factor, self.similarity_beta = capacity_factor, similarity_beta
@@ -148,7 +149,8 @@ class MoE(nn.Module):
         indexing the N*T rows, and the router's losses. Expert id E: a race candidate not selected."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32, autocast or not
             s = F.linear(x.float(), self.router.weight.float())  # (N, T, E) router logits
-            return getattr(self, "route_" + self.routing)(s)
+            rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
+            return rule[self.router_kind](s)
 
     def route_token(self, s):
         """Token choice: each token takes its top-k experts, weighted by their raw softmax
@@ -157,13 +159,13 @@ class MoE(nn.Module):
         weight, expert = scores.topk(self.top_k, dim=-1)  # (NT, K)
         if self.renormalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
-        token = torch.arange(scores.shape[0], device=s.device).repeat_interleave(self.top_k)
-        expert = expert.flatten()
+        token = torch.arange(scores.shape[0], device=s.device).repeat_interleave(self.top_k)  # (A,)
+        expert = expert.flatten()  # (A,), token-major like token
         balance = scores.new_zeros(())
         if self.training and self.balance_alpha > 0:
             # Eq. 5: f_i = E * (share of the NT * K assignments that went to expert i),
             # P_i = mean probability of expert i over tokens; loss = alpha * sum_i f_i P_i.
-            f = scores.new_zeros(self.num_experts).index_add_(0, expert, scores.new_ones(expert.shape))
+            f = scores.new_zeros(self.num_experts).index_add_(0, expert, scores.new_ones(expert.shape))  # (E,)
             f = f * (self.num_experts / expert.numel())
             balance = self.balance_alpha * (f * scores.mean(dim=0)).sum()
         return token, expert, weight.flatten(), {"balance": balance}
@@ -175,11 +177,11 @@ class MoE(nn.Module):
         (N, T, E), K = s.shape, self.top_k
         # Within each image, not across the batch: across it, one sample's tokens would push another's
         # out, leaking between batch mates. Per image, the training rule is also the sampling rule.
-        C = min(T, math.ceil(self.capacity_factor * T * K / E))
+        capacity = min(T, math.ceil(self.capacity_factor * T * K / E))
         scores = s.softmax(dim=-1)  # (N, T, E)
-        weight, token = scores.transpose(1, 2).topk(C, dim=-1)  # (N, E, C), token index within its image
+        weight, token = scores.transpose(1, 2).topk(capacity, dim=-1)  # (N, E, capacity), index in its image
         token = token + T * torch.arange(N, device=s.device)[:, None, None]
-        expert = torch.arange(E, device=s.device)[None, :, None].expand(N, E, C)
+        expert = torch.arange(E, device=s.device)[None, :, None].expand(N, E, capacity)
         return token.flatten(), expert.flatten(), weight.flatten(), {"balance": s.new_zeros(())}
 
     def route_race(self, s):
@@ -200,10 +202,10 @@ class MoE(nn.Module):
     def similarity_loss(self, s):
         """Router similarity loss (Race-DiT; our reading, the exact formula is not in the material we
         have): s (NT, E) logits, each expert's column standardised over the tokens; C = Z^T Z / NT is
-        the E x E correlation matrix; beta * mean of C_ij^2 over i != j. Experts with correlated
+        the E x E correlation matrix; loss = beta * mean of C_ij^2 over i != j. Experts with correlated
         affinities race for the same tokens: 2-in-4 collapses into 1-in-2 (Fig. 4). The loss is at
-        most beta (collinear experts), ~beta / NT for independent ones; beta = 0.01 by default, the
-        official DiT-MoE balance weight, a regulariser well below the diffusion loss."""
+        most beta (collinear experts), ~beta / NT for independent ones; beta's default is the official
+        DiT-MoE balance weight, a regulariser well below the diffusion loss."""
         E = s.shape[1]
         z = (s - s.mean(dim=0)) / (s.std(dim=0, correction=0) + 1e-6)  # (NT, E)
         c = z.T @ z / s.shape[0]  # (E, E), diagonal 1
@@ -216,11 +218,11 @@ class MoE(nn.Module):
         token, weight = token[order], weight[order]
         # offs[e] = number of assignments to experts <= e: the group ends grouped_mm wants. The
         # last one is A unless ragged: then rows past it (expert id E) come out zero.
-        experts = torch.arange(self.num_experts, device=x.device)
-        offs = torch.searchsorted(expert, experts, right=True, out_int32=True)  # (E,)
-        counts = torch.diff(offs, prepend=offs.new_zeros(1))
+        expert_ids = torch.arange(self.num_experts, device=x.device)
+        offs = torch.searchsorted(expert, expert_ids, right=True, out_int32=True)  # (E,)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1))  # (E,) assignments per expert
         h = grouped_mm(x.index_select(0, token), self.w_gate_up, offs, ragged)  # (A, 2H)
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = h.chunk(2, dim=-1)  # each (A, H)
         h = grouped_mm(F.silu(gate) * up, self.w_down, offs, ragged)  # (A, D)
         h = h * weight[:, None].to(h.dtype)  # routing weights are float32
         y = self.shared(x) if self.shared is not None else h.new_zeros(x.shape)  # (NT, D)
@@ -229,12 +231,14 @@ class MoE(nn.Module):
     def forward(self, x):
         N, T, D = x.shape
         token, expert, weight, aux = self.route(x)  # each (A,)
-        if self.routing == "race" and self.training:  # (gradient checkpointing's recompute repeats this)
+        # (Under gradient checkpointing the recompute repeats this update: the EMA then moves twice
+        # per step, a memory of ~50 batches instead of ~100.)
+        if self.router_kind == "race" and self.training:
             with torch.no_grad():  # the race threshold: EMA of the K-th largest logit, the last to get in
                 last = weight.min()
                 self.threshold.copy_(torch.where(self.threshold.isnan(), last,
                                                  torch.lerp(self.threshold, last, 1 - RACE_MOMENTUM)))
-        ragged = self.routing == "race" and not self.training  # inference leaves unselected candidates
+        ragged = self.router_kind == "race" and not self.training  # inference leaves unselected candidates
         y, counts = self.experts(x.reshape(N * T, D), token, expert, weight, ragged)  # Eq. 3 + shared
         aux["counts"] = counts.detach().float()
         return y.reshape(N, T, D), aux

@@ -2,7 +2,7 @@
 Sample images from a DiT-MoE checkpoint: PNG grids, FID sample batches and the
 routing analysis of the paper (Sec. 3.3, Figs. 5-7).
 
-    python sample.py --ckpt results/000/ema.pt                    # grid from the built-in digits model
+    python sample.py --ckpt results/latest/ema.pt                 # grid from the built-in digits model
     python sample.py --ckpt dit_moe_s_8E2A.pt --classes 207 360 88 --cfg-scale 4.0
     python sample.py --ckpt dit_moe_xl_8E2A.pt --vae PATH         # rectified flow: Euler, 50 steps
     torchrun --nproc_per_node=8 sample.py --ckpt dit_moe_s_8E2A.pt --num-fid-samples 50000 --cfg-scale 1.5
@@ -238,8 +238,8 @@ def write_grid(images, rows, path):
 
 def run_grid(net, obj, args, vae, settings, stats):
     """Columns = classes, rows = --per-class images; writes <out>.png and <out>.json."""
-    C = net.cfg.num_classes
-    classes = args.classes or (DIT_CLASSES if C == 1000 else list(range(C)))
+    num_classes = net.cfg.num_classes
+    classes = args.classes or (DIT_CLASSES if num_classes == 1000 else list(range(num_classes)))
     labels, B = classes * args.per_class, args.batch_size  # row r holds one image of every class
     images = np.concatenate([
         sample_images(net, obj, args, list(range(s, min(s + B, len(labels)))), labels[s: s + B], vae, stats, True)
@@ -257,7 +257,7 @@ def run_grid(net, obj, args, vae, settings, stats):
 def run_fid(net, obj, args, vae, settings, rank, world, stats):
     """Chunk c holds images c*B .. (c+1)*B - 1; process r samples chunks r, r + world, ... and skips
     those already on disk; rank 0 assembles <prefix>.npz in global image order."""
-    N, B, C = args.num_fid_samples, args.batch_size, net.cfg.num_classes
+    num_samples, B, num_classes = args.num_fid_samples, args.batch_size, net.cfg.num_classes
     name = os.path.splitext(os.path.basename(args.ckpt))[0]
     prefix = os.path.join(args.sample_dir, f"{name}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale}"
                                            f"{'-legacy' if args.legacy_cfg else ''}-seed{args.seed}")
@@ -273,22 +273,22 @@ def run_fid(net, obj, args, vae, settings, rank, world, stats):
     if rank == 0:
         with open(prefix + ".json", "w") as f:
             json.dump(settings, f, indent=2)
-    num_chunks = math.ceil(N / B)
+    num_chunks = math.ceil(num_samples / B)
     chunk = lambda c: os.path.join(prefix, f"chunk{c:05d}.npz")
     for c in tqdm(range(rank, num_chunks, world), disable=rank != 0, desc="chunks"):
         if os.path.exists(chunk(c)):
             continue  # written by an interrupted earlier run
-        indices = list(range(c * B, min(N, (c + 1) * B)))
-        images = sample_images(net, obj, args, indices, [i % C for i in indices], vae, stats)
+        indices = list(range(c * B, min(num_samples, (c + 1) * B)))
+        images = sample_images(net, obj, args, indices, [i % num_classes for i in indices], vae, stats)
         write_npz(chunk(c), [images], images.shape)
     if stats is not None:  # its collectives first: rank 0's assembly below may take minutes
         stats.finish(prefix, rank, world)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        shape = (N, *np.load(chunk(0))["arr_0"].shape[1:])
+        shape = (num_samples, *np.load(chunk(0))["arr_0"].shape[1:])
         write_npz(prefix + ".npz", (np.load(chunk(c))["arr_0"] for c in range(num_chunks)), shape)
-        print(f"wrote {prefix}.npz: {N} images of {shape[1]}x{shape[2]}")
+        print(f"wrote {prefix}.npz: {num_samples} images of {shape[1]}x{shape[2]}")
 
 
 # ----------------------------------------------------------------------------
@@ -305,8 +305,6 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     if world > 1 and not fid:
         sys.exit("error: torchrun is for FID batches (--num-fid-samples); sample grids with plain python")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32, as DiT samples its FID batches
     try:
         net = load(args.ckpt, device)
     except CheckpointError as e:

@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from data import VAE, extract_latents, fail, setup_data
-from diffusion import create_objective
+from diffusion import OBJECTIVES, create_objective
 from model import DiT, DiTConfig, config_from_name
-from moe import max_violation
+from moe import ROUTERS, max_violation
 
 # ----------------------------------------------------------------------------
 # Distribution, EMA, seeds
@@ -217,15 +217,13 @@ def main(args):
         fail(f"--global-batch-size {args.global_batch_size} does not split into "
              f"{world} processes x {accum} micro-batches")
     local_batch, bf16 = args.global_batch_size // world, cuda and not args.fp32
-    if cuda:
-        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     if args.extract_latents:
         return extract_latents(args, rank, world, device)
     log = print if rank == 0 else lambda *a: None
 
     # Data: rank r takes samples r, r + world, ... of each epoch's permutation (seeded by the epoch)
-    data, encode, shape = setup_data(args, device)
-    shape["num_classes"] = max(shape["num_classes"], args.num_classes or 0)  # never fewer than the data has
+    data, encode, data_fields = setup_data(args, device)  # data_fields: input size, channels, classes
+    data_fields["num_classes"] = max(data_fields["num_classes"], args.num_classes or 0)  # never fewer than the data has
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
@@ -235,7 +233,7 @@ def main(args):
         fail("set --max-steps or --epochs")
 
     # Model, EMA, optimizer
-    cfg = config_from_name(args.model, **dict(objective=args.objective, router=args.router, **shape) | args.set)
+    cfg = config_from_name(args.model, **dict(objective=args.objective, router=args.router, **data_fields) | args.set)
     ckpt_path, ckpt = read_checkpoint(args.resume, cfg) if args.resume else (None, None)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = DiT(cfg)
@@ -244,8 +242,9 @@ def main(args):
         ema = DiT(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
-    # shard when the 20 bytes/param of memory_estimate would fill more than 90% of a GPU under DDP
-    sharded = args.sharded or (world > 1 and 20 * n_params > 0.9 * gpu_bytes)
+    # shard when weights, gradients, AdamW and EMA would fill more than 90% of a GPU under DDP
+    ddp_bytes = sum(memory_estimate(n_params, world=1, sharded=False).values()) * 1e9
+    sharded = args.sharded or (world > 1 and ddp_bytes > 0.9 * gpu_bytes)
     if sharded and world == 1:
         fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
     if sharded:
@@ -265,7 +264,7 @@ def main(args):
     if world > 1 and not sharded:  # every expert weight is used in every forward: no find_unused_parameters
         ddp = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     forward = torch.compile(ddp or model) if args.compile else ddp or model
-    objective = create_objective(args.objective)
+    objective = create_objective(cfg.objective)  # --set objective=... included
     if rank == 0:
         run_dir = run_dir or new_run_dir(args.results_dir, args.model)
         point_latest(run_dir)
@@ -361,11 +360,11 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--model", default="T/2-4E2A",
         help="size from model.py's registry (paper: S/2-8E2A ... G/2-16E2A; T is the tiny demo size)")
-    add("--router", choices=["token", "expert", "race"], default="token",
+    add("--router", choices=ROUTERS, default=DiTConfig.router,
         help="token choice (DiT-MoE), expert choice (EC-DiT) or Expert Race (Race-DiT); see moe.py")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override a DiTConfig field, e.g. --set layer_reg=0.1 (Race-DiT) --set capacity_factor=1.25")
-    add("--objective", choices=["ddpm", "rf"], default="ddpm",
+    add("--objective", choices=OBJECTIVES, default=DiTConfig.objective,
         help="DDPM with learned sigma (paper; the official S, B) or rectified flow (the official XL, G)")
     add("--data-path", help="image folder, one sub-folder per class (ImageNet layout); unset: built-in digits")
     add("--latents-path", help="latent shards from --extract-latents: training without the VAE")
@@ -395,7 +394,7 @@ def parse_args(argv=None):
     add("--resume", help="run folder (its newest checkpoint) or checkpoint file to continue; same flags")
     add("--sharded", action="store_true",
         help="FSDP2: shard weights, grads, AdamW and EMA (automatic when DDP would not fit the GPU)")
-    add("--fp32", action="store_true", help="compute in fp32 on GPU (default: bf16; CPU is always fp32)")
+    add("--fp32", action="store_true", help="compute in fp32 on GPU, matmuls in TF32 (default: bf16; CPU is always fp32)")
     add("--grad-checkpointing", action="store_true", help="recompute block activations in the backward pass")
     add("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
@@ -405,10 +404,13 @@ def parse_args(argv=None):
         key, _, value = item.partition("=")
         if not hasattr(defaults, key):
             fail(f"--set {item}: unknown config field {key!r}; fields: {', '.join(vars(defaults))}")
-        kind = type(getattr(defaults, key))
+        default = getattr(defaults, key)
+        kind = int if default is None else type(default)  # the only None default is shared_hidden
         try:
-            overrides[key] = (value.lower() in ("1", "true") if kind is bool
-                              else int(value) if getattr(defaults, key) is None else kind(value))
+            if default is None and value.lower() == "none":
+                overrides[key] = None
+            else:
+                overrides[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
         except ValueError:
             fail(f"--set {item}: {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
     args.set = overrides

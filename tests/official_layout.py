@@ -3,7 +3,7 @@ import re
 
 
 def to_official(sd, qk_norm):
-    """Our state_dict -> the official DiT-MoE layout (REFERENCE.md section 2): the inverse of
+    """Our state_dict -> the official DiT-MoE layout (its key names and shapes): the inverse of
     model.from_official, written separately so the tests can check the converter against it."""
     out = {}
     for key, v in sd.items():

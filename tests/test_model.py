@@ -15,7 +15,7 @@ SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, num_experts=4, 
 
 
 def official_state_dict(cfg, qk_norm=False, gen=None):
-    """An official DiT-MoE state_dict written out from REFERENCE.md section 2, random values."""
+    """An official DiT-MoE state_dict written out from its key names and shapes, random values."""
     g = gen or torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
     D, p, C, E = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.num_experts
@@ -71,7 +71,7 @@ def swiglu(x, gate, up, down):
     ("S/2-8E2A", 199e6, 72e6), ("S/2-16E2A", 369e6, None), ("B/2-8E2A", 796e6, 286e6),
     ("XL/2-8E2A", 4.17e9, 1.49e9), ("G/2-16E2A", 16.50e9, 3.18e9), ("XL/2", 675e6, 675e6)])
 def test_parameter_counts_match_official(name, total, active):
-    # Official counts (REFERENCE.md section 1; DiT-XL/2 675M from the DiT paper), built on meta.
+    # Counts of the official code's models (DiT-XL/2 675M from the DiT paper), built on meta.
     n_total, n_active, _ = model.count(model.config_from_name(name))
     assert abs(n_total / total - 1) < 0.005
     if active:

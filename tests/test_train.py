@@ -164,6 +164,15 @@ def test_demo_data_loss_goes_down(tmp_path):
         assert len(r["load_min"]) == 4 and all(0 <= lo <= 0.25 <= hi <= 1 for lo, hi in zip(r["load_min"], r["load_max"]))
 
 
+def test_set_overrides_reach_the_config_and_the_objective(tmp_path):
+    # --set objective=rf must train rectified flow (its loss term "rf"), not just label the checkpoint
+    checked(*QUICK, "--set", "objective=rf", "--set", "shared_hidden=none", "--set", "top_k=1",
+            "--results-dir", tmp_path)
+    cfg = checkpoint(tmp_path, STEPS)["config"]
+    assert (cfg["objective"], cfg["shared_hidden"], cfg["top_k"]) == ("rf", None, 1)
+    assert "rf" in records(tmp_path)[-1] and "vb" not in records(tmp_path)[-1]
+
+
 def tiny_vae(path):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
@@ -224,6 +233,7 @@ def test_race_router_trains_with_layer_reg_on_two_processes(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--set", "depth=x"], "error: --set depth=x: 'x' is not an int"),
     (["--set", "colour=red"], "error: --set colour=red: unknown config field 'colour'"),
+    (["--set", "shared_hidden=abc"], "error: --set shared_hidden=abc: 'abc' is not an int"),
     (["--data-path", "/no/such/folder"], "error: data path /no/such/folder is not a folder"),
     (["--model", "Q/2-8E2A"], "error: unknown model 'Q/2-8E2A'"),
     (["--global-batch-size", 10, "--grad-accum", 4], "error: --global-batch-size 10 does not split"),
