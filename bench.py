@@ -133,7 +133,7 @@ def bench_model(args, device, peak_tflops):
             t, x_t, noise = obj.training_inputs(x0)
             with autocast:
                 out, aux = forward(x_t, t, y, return_aux=True)
-            loss = obj.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean() + aux["balance"]
+            loss = obj.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean() + aux["router_loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

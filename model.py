@@ -172,10 +172,10 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
         if hasattr(self, "moe"):
             h, aux = self.moe(h)
-            balance, counts = aux["balance"], aux["counts"]
+            router_loss, counts = aux["router_loss"], aux["counts"]
         else:
-            h, balance, counts = self.mlp(h), x.new_zeros(()), x.new_zeros(0)
-        return x + gate2.unsqueeze(1) * h, balance, counts
+            h, router_loss, counts = self.mlp(h), x.new_zeros(()), x.new_zeros(0)
+        return x + gate2.unsqueeze(1) * h, router_loss, counts
 
 
 class FinalLayer(nn.Module):
@@ -253,25 +253,25 @@ class DiT(nn.Module):
     def forward(self, x, t, y, return_aux=False):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
-        Returns (N, 2C, H, W); with return_aux also {"balance": summed router loss of all layers,
+        Returns (N, 2C, H, W); with return_aux also {"router_loss": summed router loss of all layers,
         "load": (L, E) assignments per expert per layer}, and "layer_preds": (L, N, C, H, W), the
         per-layer heads' predictions of the target, when cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
-        balance, loads, preds = x.new_zeros(()), [], []
+        router_loss, loads, preds = x.new_zeros(()), [], []
         for l, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x, b, counts = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x, b, counts = block(x, c)                                      # (N, T, D)
-            balance, loads = balance + b, loads + [counts]
+            router_loss, loads = router_loss + b, loads + [counts]
             if return_aux and hasattr(self, "layer_heads"):
                 preds.append(self.layer_heads[l](x))                            # (N, T, p*p*C)
         x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
         if not return_aux:
             return x
-        aux = {"balance": balance, "load": torch.stack(loads)}
+        aux = {"router_loss": router_loss, "load": torch.stack(loads)}
         if preds:
             aux["layer_preds"] = self.unpatchify(torch.cat(preds)).unflatten(0, (len(preds), -1))
         return x, aux

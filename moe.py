@@ -14,7 +14,7 @@ over the sorted rows, so the layer costs about what a dense MLP of the same
 active width costs, and it compiles with torch.compile(fullgraph=True).
 
     layer = MoE(dim=384, num_experts=8, top_k=2, router="race")
-    y, aux = layer(x)              # x, y: (N, T, D); aux["balance"], aux["counts"]
+    y, aux = layer(x)              # x, y: (N, T, D); aux["router_loss"], aux["counts"]
 
 Tests: python -m pytest -q tests/test_moe.py tests/test_routers.py
 """
@@ -105,8 +105,9 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts + shared expert. Returns (y, aux) with aux["balance"], the router's
-    loss (zero outside training), and aux["counts"], assignments per expert."""
+    """Routed experts + shared expert. Returns (y, aux) with aux["router_loss"] (token choice: the
+    Eq. 5 balance loss; race: the similarity loss; expert choice and outside training: zero) and
+    aux["counts"], assignments per expert (E,)."""
 
     def __init__(self, dim, num_experts=8, top_k=2, hidden=None, shared_hidden=None,
                  router="token", balance_alpha=0.05, renormalize=False, capacity_factor=1.0,
@@ -168,7 +169,7 @@ class MoE(nn.Module):
             f = scores.new_zeros(self.num_experts).index_add_(0, expert, scores.new_ones(expert.shape))  # (E,)
             f = f * (self.num_experts / expert.numel())
             balance = self.balance_alpha * (f * scores.mean(dim=0)).sum()
-        return token, expert, weight.flatten(), {"balance": balance}
+        return token, expert, weight.flatten(), {"router_loss": balance}
 
     def route_expert(self, s):
         """Expert choice (EC-DiT, after Zhou et al. 2022): in each image, each expert takes the C tokens
@@ -182,7 +183,7 @@ class MoE(nn.Module):
         weight, token = scores.transpose(1, 2).topk(capacity, dim=-1)  # (N, E, capacity), index in its image
         token = token + T * torch.arange(N, device=s.device)[:, None, None]
         expert = torch.arange(E, device=s.device)[None, :, None].expand(N, E, capacity)
-        return token.flatten(), expert.flatten(), weight.flatten(), {"balance": s.new_zeros(())}
+        return token.flatten(), expert.flatten(), weight.flatten(), {"router_loss": s.new_zeros(())}
 
     def route_race(self, s):
         """Expert Race (Race-DiT): the logits are the gates (identity gating, no softmax). Training: the
@@ -195,9 +196,9 @@ class MoE(nn.Module):
             # Static shapes, no host sync: unselected candidates get expert id E, so experts() sorts them
             # last and leaves them out of the offsets (their rows are zeroed, their weight unused).
             expert = torch.where(s.flatten() > self.threshold, pair % E, E)
-            return pair // E, expert, s.flatten(), {"balance": s.new_zeros(())}
+            return pair // E, expert, s.flatten(), {"router_loss": s.new_zeros(())}
         weight, pair = s.flatten().topk(N * T * K)  # (A,)
-        return pair // E, pair % E, weight, {"balance": self.similarity_loss(s.flatten(0, 1))}
+        return pair // E, pair % E, weight, {"router_loss": self.similarity_loss(s.flatten(0, 1))}
 
     def similarity_loss(self, s):
         """Router similarity loss (Race-DiT; our reading, the exact formula is not in the material we

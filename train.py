@@ -307,7 +307,7 @@ def main(args):
                     with amp:
                         out, aux = forward(x_t, t, ym, return_aux=True)
                     terms = objective.training_losses(out.float(), x0, x_t, t, noise)
-                    loss = terms["loss"].mean() + aux["balance"]
+                    loss = terms["loss"].mean() + aux["router_loss"]
                     if cfg.layer_reg:  # Race-DiT per-layer regularisation: every block predicts the target
                         err = aux["layer_preds"].float() - objective.target(x0, noise)  # (L, N, C, H, W)
                         terms["layer_reg"] = err.square().mean(dim=(0, 2, 3, 4))       # (N,)
@@ -316,7 +316,7 @@ def main(args):
                     (loss / accum).backward()
                 for k in sorted(terms, key=lambda k: k != "loss"):  # the same order on every rank
                     sums[k] = sums.get(k, 0) + terms[k].detach().mean() / accum
-                sums["balance"] = sums.get("balance", 0) + aux["balance"].detach() / accum
+                sums["router_loss"] = sums.get("router_loss", 0) + aux["router_loss"].detach() / accum
                 load = load + aux["load"]  # (L, E) assignments per expert
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

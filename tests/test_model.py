@@ -270,13 +270,13 @@ def test_aux_outputs_and_gradient_checkpointing():
     torch.manual_seed(1)
     out, aux = net(x, t, y, return_aux=True)
     assert aux["load"].shape == (2, 4) and torch.all(aux["load"].sum(1) == 3 * 16 * 2)
-    (out.square().mean() + aux["balance"]).backward()
+    (out.square().mean() + aux["router_loss"]).backward()
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     net.grad_checkpointing = True
     torch.manual_seed(1)  # same label dropout
     out2, aux2 = net(x, t, y, return_aux=True)
-    (out2.square().mean() + aux2["balance"]).backward()
+    (out2.square().mean() + aux2["router_loss"]).backward()
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
@@ -311,7 +311,7 @@ def test_dense_size_has_dit_layout():
     keys = net.state_dict().keys()
     assert "blocks.0.mlp.fc1.weight" in keys and not any(".moe." in k for k in keys)
     out, aux = net(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]), return_aux=True)
-    assert out.shape == (2, 8, 8, 8) and aux["balance"] == 0
+    assert out.shape == (2, 8, 8, 8) and aux["router_loss"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -325,7 +325,7 @@ def test_whole_model_compiles_fullgraph(dtype):
     def run(f):
         net.zero_grad()
         out, aux = f(x, t, y, return_aux=True)
-        (out.float().square().mean() + aux["balance"]).backward()
+        (out.float().square().mean() + aux["router_loss"]).backward()
         return out, [p.grad.clone() for p in net.parameters()]
 
     (out_e, g_e), (out_c, g_c) = run(net), run(compiled)

@@ -125,7 +125,7 @@ def test_moe_matches_reference(empty, renormalize, shared_hidden):
     y, aux = m(x)
     y_ref, balance_ref = reference_moe(m, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(aux["balance"], balance_ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(aux["router_loss"], balance_ref, rtol=1e-6, atol=1e-8)
     if empty:
         assert aux["counts"][1] == 0 and aux["counts"][3] == 0
     g = torch.randn_like(y)
@@ -134,7 +134,7 @@ def test_moe_matches_reference(empty, renormalize, shared_hidden):
     if shared_hidden:
         expected |= {"shared.gate_up.weight", "shared.down.weight"}
     assert set(names) == expected
-    for name, a, b in zip(names, grads(m, x, y, aux["balance"], g), grads(m, x, y_ref, balance_ref, g)):
+    for name, a, b in zip(names, grads(m, x, y, aux["router_loss"], g), grads(m, x, y_ref, balance_ref, g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: f"{name}: {s}")
 
 
@@ -171,7 +171,7 @@ def test_balance_loss_hand_worked():
     # expert 0 got 2, experts 1 and 2 one each: f = 4 * [2, 1, 1, 0] / 4 = [2, 1, 1, 0].
     # P = mean of p and q = [0.45, 0.2, 0.25, 0.1]; sum f P = 0.9 + 0.2 + 0.25 = 1.35.
     y, aux = m.train()(x[None])
-    torch.testing.assert_close(aux["balance"], torch.tensor(0.05 * 1.35))
+    torch.testing.assert_close(aux["router_loss"], torch.tensor(0.05 * 1.35))
     torch.testing.assert_close(aux["counts"], torch.tensor([2.0, 1.0, 1.0, 0.0]))
     token, expert, weight, _ = m.route(x[None])
     pairs = sorted(zip(token.tolist(), expert.tolist(), weight.tolist()))
@@ -179,9 +179,9 @@ def test_balance_loss_hand_worked():
     for (t, e, w), (te, ee, we) in zip(pairs, expect):
         assert (t, e) == (te, ee) and w == pytest.approx(we, rel=1e-6)  # raw probabilities
     # eval mode and alpha = 0 give no loss
-    assert m.eval()(x[None])[1]["balance"] == 0
+    assert m.eval()(x[None])[1]["router_loss"] == 0
     m.train().balance_alpha = 0.0
-    assert m(x[None])[1]["balance"] == 0
+    assert m(x[None])[1]["router_loss"] == 0
 
 
 def test_balance_loss_and_routing_against_numpy():
@@ -196,7 +196,7 @@ def test_balance_loss_and_routing_against_numpy():
     counts = np.bincount(top.ravel(), minlength=8)
     f = 8 * counts / top.size
     np.testing.assert_allclose(aux["counts"].numpy(), counts)
-    np.testing.assert_allclose(aux["balance"].item(), 0.01 * (f * s.mean(0)).sum(), rtol=1e-5)
+    np.testing.assert_allclose(aux["router_loss"].item(), 0.01 * (f * s.mean(0)).sum(), rtol=1e-5)
     assert aux["counts"].sum() == 2 * 12 * 3
     # weights are the raw top-k probabilities, renormalised to sum 1 only on request
     token, expert, weight, _ = m.route(x.detach())
@@ -247,14 +247,14 @@ def test_compile_fullgraph_matches_eager(dtype):
     x = x.detach().to(dtype).requires_grad_()
     g = torch.randn(x.shape, dtype=dtype)
     y, aux = m(x)
-    expect = grads(m, x, y, aux["balance"], g)
+    expect = grads(m, x, y, aux["router_loss"], g)
     torch._dynamo.reset()
     y_c, aux_c = torch.compile(m, fullgraph=True)(x)
-    got = grads(m, x, y_c, aux_c["balance"], g)
+    got = grads(m, x, y_c, aux_c["router_loss"], g)
     # bfloat16: compiled code rounds at other places than eager, so compare with
     # an error bound relative to each tensor's scale
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(aux_c["counts"], aux["counts"])
-    for a, b in zip([y_c, aux_c["balance"], *got], [y, aux["balance"], *expect]):
+    for a, b in zip([y_c, aux_c["router_loss"], *got], [y, aux["router_loss"], *expect]):
         assert a.dtype == b.dtype and (a - b).abs().max() <= tol * b.abs().max()
     torch._dynamo.reset()

@@ -96,8 +96,8 @@ def test_expert_choice_matches_reference(capacity_factor, top_k):
     y, aux = m(x)
     y_ref, pairs = reference_expert_choice(m, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    assert aux["balance"] == 0
-    assert_same_grads(m, x, y, aux["balance"], y_ref, 0.0)
+    assert aux["router_loss"] == 0
+    assert_same_grads(m, x, y, aux["router_loss"], y_ref, 0.0)
     # every expert takes exactly C = ceil(f * 12 * K / 4) tokens of each image
     C = math.ceil(capacity_factor * 3 * top_k)
     token, expert, weight, _ = m.route(x)
@@ -120,11 +120,11 @@ def test_race_training_matches_reference():
     y, aux = m(x)
     y_ref, loss_ref, pairs = reference_race(m, x, training=True)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(aux["balance"], loss_ref, rtol=1e-4, atol=1e-8)
-    assert aux["balance"] > 0
+    torch.testing.assert_close(aux["router_loss"], loss_ref, rtol=1e-4, atol=1e-8)
+    assert aux["router_loss"] > 0
     assert aux["counts"].sum() == 2 * 12 * 2 and len(pairs) == 2 * 12 * 2  # exactly N*T*K pairs
     # the two correlation formulas round differently in float32: 1e-4 relative
-    assert_same_grads(m, x, y, aux["balance"], y_ref, loss_ref, rtol=1e-4, atol=1e-5)
+    assert_same_grads(m, x, y, aux["router_loss"], y_ref, loss_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_race_threshold_ema_by_hand():
@@ -152,7 +152,7 @@ def test_race_inference_matches_reference():
     y, aux = m(x)
     y_ref, _, pairs = reference_race(m, x, training=False)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    assert aux["balance"] == 0 and aux["counts"].sum() == len(pairs)
+    assert aux["router_loss"] == 0 and aux["counts"].sum() == len(pairs)
     # gradients too: the unselected candidates' rows must not leak garbage into x or the weights
     assert_same_grads(m, x, y, 0.0, y_ref, 0.0)
 
@@ -218,16 +218,16 @@ def test_compile_fullgraph_matches_eager(router):
     m.train()
     g = torch.randn(x.shape)
     y, aux = m(x)
-    expect = grads(m, x, y, aux["balance"], g)
+    expect = grads(m, x, y, aux["router_loss"], g)
     if router == "race":
         threshold = m.threshold.clone()
         m.threshold.fill_(float("nan"))  # the compiled step starts from the same state
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     y_c, aux_c = compiled(x)
-    got = grads(m, x, y_c, aux_c["balance"], g)
+    got = grads(m, x, y_c, aux_c["router_loss"], g)
     torch.testing.assert_close(aux_c["counts"], aux["counts"])
-    for a, b in zip([y_c, aux_c["balance"], *got], [y, aux["balance"], *expect]):
+    for a, b in zip([y_c, aux_c["router_loss"], *got], [y, aux["router_loss"], *expect]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if router == "race":
         torch.testing.assert_close(m.threshold, threshold)

@@ -80,7 +80,7 @@ def test_steps_equal_a_hand_written_loop(single):
             idx = batch[m::2]
             t, x_t, noise = obj.training_inputs(x_all[idx])
             out, aux = net(x_t, t, y_all[idx], return_aux=True)
-            loss = obj.training_losses(out, x_all[idx], x_t, t, noise)["loss"].mean() + aux["balance"]
+            loss = obj.training_losses(out, x_all[idx], x_t, t, noise)["loss"].mean() + aux["router_loss"]
             (loss / 2).backward()
         opt.step()
         opt.zero_grad()
@@ -111,7 +111,7 @@ def test_two_processes_equal_one(single, tmp_path, mode):
         assert_close(ours["opt"]["state"][k], state, atol=1e-6)
     # metrics are all-reduced before rank 0 logs them
     for a, b in zip(records(tmp_path), records(single)):
-        for k in ("loss", "mse", "vb", "balance", "load_min", "load_max"):
+        for k in ("loss", "mse", "vb", "router_loss", "load_min", "load_max"):
             assert np.allclose(a[k], b[k], atol=1e-5), (k, a[k], b[k])
 
 
