@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data import load_digits
 from diffusion import create_objective
 from evaluate import frechet_distance
 from model import count, load
 from moe import assignment_mask, combination_usage
 from sample import sample_images, write_grid
-from data import load_digits
 
 RUNS = {  # name: train.py flags
     "dense": ["--model", "T/2", "--set", "mlp_ratio=15"],
