@@ -79,6 +79,7 @@ class GaussianDiffusion:
     1000 steps samples with 250 of them.
     """
     samplers = ("ddpm", "ddim")
+    default_steps = 250  # sampling steps: DiT's FID setting
 
     def __init__(self, num_timesteps=1000, respacing=None):
         self.base_num_timesteps = num_timesteps
@@ -237,9 +238,10 @@ class RectifiedFlow:
     model predicts its velocity dz/dt = eps - x and embeds the raw t in [0, 1].
     """
     samplers = ("euler",)
+    default_steps = 50  # sampling steps: the official demo
 
-    def __init__(self, num_sampling_steps=50):  # 50: the official demo
-        self.num_sampling_steps = num_sampling_steps
+    def __init__(self, num_sampling_steps=None):
+        self.num_sampling_steps = num_sampling_steps or self.default_steps
 
     def q_sample(self, x0, t, noise):
         """z_t = (1 - t) x_0 + t eps for t (N,) in [0, 1]."""
@@ -290,5 +292,5 @@ def create_objective(name, num_sampling_steps=None):
     if name == "ddpm":
         return GaussianDiffusion(respacing=num_sampling_steps)
     if name == "rf":
-        return RectifiedFlow() if num_sampling_steps is None else RectifiedFlow(num_sampling_steps)
+        return RectifiedFlow(num_sampling_steps)
     raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")

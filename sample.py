@@ -312,8 +312,8 @@ def main(argv=None):
     cfg = net.cfg
     if not fid and any(not 0 <= c < cfg.num_classes for c in args.classes or []):
         sys.exit(f"error: class labels must be in 0..{cfg.num_classes - 1} for this model, got {args.classes}")
-    args.num_sampling_steps = args.num_sampling_steps or (250 if cfg.objective == "ddpm" else 50)
     try:
+        args.num_sampling_steps = args.num_sampling_steps or create_objective(cfg.objective).default_steps
         obj = create_objective(cfg.objective, args.num_sampling_steps)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -228,8 +228,8 @@ def main(args):
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         fail(f"{len(data)} images are fewer than one global batch of {args.global_batch_size}")
-    total = min(args.max_steps or float("inf"), (args.epochs or float("inf")) * steps_per_epoch)
-    if total == float("inf"):
+    total_steps = min(args.max_steps or float("inf"), (args.epochs or float("inf")) * steps_per_epoch)
+    if total_steps == float("inf"):
         fail("set --max-steps or --epochs")
 
     # Model, EMA, optimizer
@@ -272,7 +272,7 @@ def main(args):
     log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {cfg.num_classes} classes, input {cfg.in_channels}x"
         f"{cfg.input_size}x{cfg.input_size} {'latents' if cfg.latent_space else 'pixels'}, {len(data)} images")
     log(f"batch: global {args.global_batch_size} = {world} processes x {accum} micro-batches x "
-        f"{local_batch // accum}; {steps_per_epoch} steps/epoch; steps {step} -> {total}")
+        f"{local_batch // accum}; {steps_per_epoch} steps/epoch; steps {step} -> {total_steps}")
     mode = "sharded" if sharded else "DDP" if world > 1 else "single process"
     log(f"memory per {'GPU' if cuda else 'process'}, {mode} "
         f"(activations excluded): " + " + ".join(f"{k} {v:.2f}" for k, v in mem.items())
@@ -284,9 +284,9 @@ def main(args):
     # bf16: autocast with DDP; FSDP2 casts the gathered weights itself (its MixedPrecisionPolicy)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not sharded)
     sums, load, t_start, s_start = {}, 0, time.time(), step
-    thresholds = [m.threshold for m in model.modules() if hasattr(m, "threshold")]
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
-    while step < total:
+    thresholds = [mod.threshold for mod in model.modules() if hasattr(mod, "threshold")]
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
         order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
@@ -329,7 +329,7 @@ def main(args):
             update_ema(ema, model, args.ema_decay)
             step += 1
             bar.update()
-            save = step % args.ckpt_every == 0 or step == total
+            save = step % args.ckpt_every == 0 or step == total_steps
             if step % args.log_every == 0 or save:
                 # Checked before every checkpoint: a non-finite loss never reaches one.
                 rec = summarize(sums, load, world, step - s_start, time.time() - t_start, args, device)
@@ -348,7 +348,7 @@ def main(args):
                     ckpt_path = save_checkpoint(run_dir, rank, model, ema, opt, step,
                                                 step // steps_per_epoch, cfg, args) or ckpt_path
                 sums, load, t_start, s_start = {}, 0, time.time(), step
-            if step == total:
+            if step == total_steps:
                 break
     bar.close()
     log(f"done at step {step}; EMA weights: {run_dir}/ema.pt")
