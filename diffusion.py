@@ -5,7 +5,7 @@ DDPM (the S and B checkpoints, as DiT): Ho et al. 2020 with epsilon prediction,
 the learned-range variance and hybrid loss of Nichol & Dhariwal 2021 (IDDPM),
 timestep respacing, ancestral and DDIM sampling. Rectified flow (the XL and G
 checkpoints): the straight path and velocity target of the official DiT-MoE
-code (feizhengcong/DiT-MoE, its RF training script) with an Euler sampler. Only the paths we use are here.
+code (feizhengcong/DiT-MoE) with an Euler sampler. Only the paths we use are here.
 
     from diffusion import create_objective
     obj = create_objective("ddpm")                                   # or "rf"

@@ -172,9 +172,9 @@ class MoE(nn.Module):
         return token, expert, weight.flatten(), {"router_loss": balance}
 
     def route_expert(self, s):
-        """Expert choice (EC-DiT, after Zhou et al. 2022): in each image, each expert takes the C tokens
-        with the highest softmax probability, weighted by it, C = ceil(capacity_factor * T * K / E);
-        a token gets 0..E experts. A = N * E * C. Balanced by construction: no loss."""
+        """Expert choice (EC-DiT, after Zhou et al. 2022): in each image, each expert takes the
+        `capacity` = ceil(capacity_factor * T * K / E) tokens with the highest softmax probability,
+        weighted by it; a token gets 0..E experts. A = N * E * capacity. Balanced by construction."""
         (N, T, E), K = s.shape, self.top_k
         # Within each image, not across the batch: across it, one sample's tokens would push another's
         # out, leaking between batch mates. Per image, the training rule is also the sampling rule.

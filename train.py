@@ -223,7 +223,8 @@ def main(args):
 
     # Data: rank r takes samples r, r + world, ... of each epoch's permutation (seeded by the epoch)
     data, encode, data_fields = setup_data(args, device)  # data_fields: input size, channels, classes
-    data_fields["num_classes"] = max(data_fields["num_classes"], args.num_classes or 0)  # never fewer than the data has
+    # the class table never has fewer rows than the data has classes
+    data_fields["num_classes"] = max(data_fields["num_classes"], args.num_classes or 0)
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
@@ -233,7 +234,8 @@ def main(args):
         fail("set --max-steps or --epochs")
 
     # Model, EMA, optimizer
-    cfg = config_from_name(args.model, **dict(objective=args.objective, router=args.router, **data_fields) | args.set)
+    fields = dict(objective=args.objective, router=args.router, **data_fields) | args.set
+    cfg = config_from_name(args.model, **fields)
     ckpt_path, ckpt = read_checkpoint(args.resume, cfg) if args.resume else (None, None)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank
     model = DiT(cfg)
@@ -394,7 +396,8 @@ def parse_args(argv=None):
     add("--resume", help="run folder (its newest checkpoint) or checkpoint file to continue; same flags")
     add("--sharded", action="store_true",
         help="FSDP2: shard weights, grads, AdamW and EMA (automatic when DDP would not fit the GPU)")
-    add("--fp32", action="store_true", help="compute in fp32 on GPU, matmuls in TF32 (default: bf16; CPU is always fp32)")
+    add("--fp32", action="store_true",
+        help="compute in fp32 on GPU, matmuls in TF32 (default: bf16; CPU is always fp32)")
     add("--grad-checkpointing", action="store_true", help="recompute block activations in the backward pass")
     add("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
