@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from diffusion import create_objective
 from model import count, create_model
-from moe import MoE, SwiGLU
+from moe import EXPERT_RATIO, SHARED_RATIO, MoE, SwiGLU
 from train import keep_freed_memory
 
 
@@ -82,7 +82,7 @@ def bench_moe_layer(args, device):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         moe = MoE(D, E, K).to(device, dtype)
-        dense = SwiGLU(D, K * 4 * D + 2 * D).to(device, dtype)  # same active FLOPs per token
+        dense = SwiGLU(D, (K * EXPERT_RATIO + SHARED_RATIO) * D).to(device, dtype)  # same active FLOPs per token
         x = torch.randn(N, T, D, device=device, dtype=dtype, requires_grad=True)
 
         # Forward + backward of a scalar loss; each variant computes y (N, T, D) its own way. The
