@@ -144,6 +144,19 @@ class MoE(nn.Module):
         if self.shared is not None:
             self.shared.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(torch.bfloat16) casts every floating buffer; the race threshold stays float32:
+        # it is compared with float32 logits, and its EMA steps (1% of a gap) are finer than
+        # bfloat16's 8-bit mantissa resolves.
+        threshold = self._buffers.get("threshold")
+        super()._apply(fn, recurse)
+        if threshold is not None and self.threshold.dtype != torch.float32:
+            moved = self.threshold.float()  # on the device fn chose
+            if not threshold.is_meta and not moved.is_meta:
+                moved.copy_(threshold)  # the value before the cast, not its bfloat16 rounding
+            self.threshold = moved
+        return self
+
     def route(self, x):
         """The configured router on x (N, T, D), by its training or its inference rule (self.training);
         no side effects. Returns the flat assignment list (token, expert, weight), each (A,), token

@@ -6,6 +6,7 @@ measures, and torch.compile.
 
 Run: python -m pytest -q tests/test_routers.py
 """
+import copy
 import math
 
 import numpy as np
@@ -234,3 +235,27 @@ def test_compile_fullgraph_matches_eager(router):
         m.eval()  # the inference rule compiles too (ragged rows, no host sync)
         torch.testing.assert_close(compiled(x)[0], m(x)[0], rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_race_threshold_stays_float32_under_a_bfloat16_cast():
+    # Module.to(bfloat16) used to cast the threshold buffer too; torch.lerp(bf16, fp32) then failed.
+    m, x = make("race")
+    with torch.no_grad():
+        m.threshold.fill_(0.3)
+    m = m.to(torch.bfloat16)
+    assert m.threshold.dtype == torch.float32 and m.threshold.item() == pytest.approx(0.3, rel=1e-7)
+    assert m.w_gate_up.dtype == torch.bfloat16
+    x = x.detach().to(torch.bfloat16)
+    m.eval()
+    y, _ = m(x)  # inference: pairs with a float32 logit above the float32 threshold
+    y_ref, _, _ = reference_race(copy.deepcopy(m).float(), x.float(), training=False)  # in float32
+    assert y.dtype == torch.bfloat16 and (y.float() - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()
+    m.train()
+    with torch.no_grad():
+        m.threshold.fill_(float("nan"))
+    for step in range(2):
+        m(x)
+        logits = (x.float().reshape(-1, 16) @ m.router.weight.float().T).flatten().double()
+        kth = logits.sort(descending=True).values[2 * 12 * 2 - 1].item()  # the smallest winner
+        expect = kth if step == 0 else RACE_MOMENTUM * expect + (1 - RACE_MOMENTUM) * kth
+    assert m.threshold.dtype == torch.float32 and m.threshold.item() == pytest.approx(expect, rel=1e-6)
