@@ -44,9 +44,14 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, ragged: bool = False) -> Tens
     ragged: offs[-1] may be < A (race inference); rows past it are ignored, and zero in the output."""
     a = a.contiguous()  # the kernel rejects the stride-0 gradients that .sum() hands back
     if b.dim() == 2:  # contract over the grouped rows: pass a column-major view of a
-        return F.grouped_mm(a.t(), b.contiguous(), offs=offs)
+        out = F.grouped_mm(a.t(), b.contiguous(), offs=offs)  # (E, P, Q)
+        # An empty group's slice must be exactly zero; on sm100 the kernel leaves non-zero values
+        # there (pytorch/pytorch#172439).
+        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0  # (E,)
+        return torch.where(empty[:, None, None], 0, out)
     out = F.grouped_mm(a, b, offs=offs)
-    if ragged:  # the kernel leaves rows past offs[-1] uninitialised, maybe NaN: where, not a multiply
+    if ragged:  # the kernel never writes rows past offs[-1] (pytorch/pytorch#193633): garbage, maybe
+        # NaN, so where, not a multiply by a zero weight
         out = torch.where((torch.arange(a.shape[0], device=a.device) < offs[-1])[:, None], out, 0)
     return out
 

@@ -112,6 +112,62 @@ def test_grouped_mm_ragged_zeroes_rows_past_the_last_offset():
     torch.testing.assert_close(gb, rb, rtol=1e-6, atol=1e-6)
     assert torch.equal(ga[6:], torch.zeros(3, 8))  # no garbage flows back to the unselected rows
 
+def poison_kernel(monkeypatch):
+    """Make F.grouped_mm leave memory as the CUDA kernels may: NaN in the output rows past offs[-1]
+    (never written, pytorch/pytorch#193633) and in the empty groups' weight-gradient slices
+    (non-zero on sm100, pytorch/pytorch#172439). Returns the list of calls it saw."""
+    real = F.grouped_mm
+    calls = []
+
+    def kernel(a, b, *, offs):
+        out = real(a, b, offs=offs).clone()
+        if b.dim() == 3:  # (A, Q) rows
+            out[offs[-1]:] = float("nan")
+        else:  # (E, P, Q) weight gradient
+            out[torch.diff(offs, prepend=offs.new_zeros(1)) == 0] = float("nan")
+        calls.append(b.dim())
+        return out
+    monkeypatch.setattr(F, "grouped_mm", kernel)
+    return calls
+
+
+def test_grouped_mm_is_exact_over_poisoned_kernel_memory(monkeypatch):
+    calls = poison_kernel(monkeypatch)
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2, 0]  # two empty groups; rows 10 and 11 are past offs[-1] (ragged)
+    offs = torch.tensor(np.cumsum(counts), dtype=torch.int32)
+    a = torch.randn(12, 8, requires_grad=True)
+    b = torch.randn(5, 8, 16, requires_grad=True)
+    g = torch.randn(12, 16)
+    ends = np.cumsum(counts)
+    ref = torch.cat([a[t - c:t] @ b[e] for e, (c, t) in enumerate(zip(counts, ends))] + [a[10:] @ b[0] * 0])
+    out = grouped_mm(a, b, offs, True)
+    ga, gb = torch.autograd.grad((out * g).sum(), (a, b))
+    ra, rb = torch.autograd.grad((ref * g).sum(), (a, b))
+    assert sorted(calls) == [2, 3, 3]  # forward, input gradient, weight gradient: all poisoned
+    for got, expect in [(out, ref), (ga, ra), (gb, rb)]:
+        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[10:], torch.zeros(2, 16)) and torch.equal(ga[10:], torch.zeros(2, 8))
+    assert torch.equal(gb[[1, 4]], torch.zeros(2, 8, 16))  # exactly zero, not NaN or leftovers
+
+
+def test_moe_is_exact_over_poisoned_kernel_memory(monkeypatch):
+    # Experts 1 and 3 get no tokens: their weight gradients must be exact zeros, not NaN.
+    calls = poison_kernel(monkeypatch)
+    m, x = make_moe(empty=True)
+    y, aux = m(x)
+    y_ref, balance_ref = reference_moe(m, x)
+    assert aux["counts"][1] == 0 and aux["counts"][3] == 0 and calls
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    got = grads(m, x, y, aux["router_loss"], g)
+    for a, b in zip(got, grads(m, x, y_ref, balance_ref, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name in ["w_gate_up", "w_down"]:
+        grad = got[names.index(name)]
+        assert torch.equal(grad[[1, 3]], torch.zeros_like(grad[[1, 3]]))
+
 # ----------------------------------------------------------------------------
 # The layer against the reference loop
 # ----------------------------------------------------------------------------
