@@ -16,6 +16,7 @@ code (feizhengcong/DiT-MoE) with an Euler sampler. Only the paths we use are her
 Tests: python -m pytest -q tests/test_diffusion.py
 """
 import math
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -40,21 +41,32 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log P(x) for data in [-1, 1] quantised to 256 levels, under N(mean, exp(2 log_scale)).
 
     Ho et al. 2020 Eq. 13: a bin of width 2/255 around each level, the two edge bins open
-    to -inf / +inf. IDDPM uses a tanh approximation of the normal CDF; we use the exact one.
+    to -inf / +inf, probabilities clamped at 1e-12 as IDDPM does. IDDPM uses a tanh
+    approximation of the normal CDF; we use the exact one, in log space (log_ndtr) so that it
+    keeps its precision in both tails (float64 ndtr is 2e-6 off at z = -7, and a bin above the
+    mean as Phi(u) - Phi(l) cancels).
     """
     inv_std = torch.exp(-log_scale)
-    upper, lower = inv_std * (x - mean + 1 / 255), inv_std * (x - mean - 1 / 255)
-    cdf_upper, cdf_lower = torch.special.ndtr(upper), torch.special.ndtr(lower)
-    log_left_edge = torch.log(cdf_upper.clamp(min=1e-12))
-    # 1 - Phi(z) written as Phi(-z) keeps its precision far in the tail
-    log_right_edge = torch.log(torch.special.ndtr(-lower).clamp(min=1e-12))
-    log_bin = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_bin))
+    upper = inv_std * (x - mean + 1 / 255)
+    lower = inv_std * (x - mean - 1 / 255)
+    log_left_edge = torch.special.log_ndtr(upper)     # log Phi(u): the bin (-inf, -1 + 1/255]
+    log_right_edge = torch.special.log_ndtr(-lower)   # log (1 - Phi(l)) = log Phi(-l)
+    # log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - Phi(a) / Phi(b)), with a bin above the mean
+    # mirrored below it (a = -u, b = -l) so that both CDFs are small and nothing cancels
+    above = lower > 0
+    a = torch.where(above, -upper, lower)
+    b = torch.where(above, -lower, upper)
+    log_cdf_b = torch.special.log_ndtr(b)
+    log_bin = log_cdf_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_cdf_b))
+    log_prob = torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_bin))
+    return log_prob.clamp(min=math.log(1e-12))
 
 
-def _gather(arr, i, x):
-    """arr[i] of a float64 schedule array, in x's dtype, shaped (N, 1, ..., 1) to broadcast against x."""
-    return arr.to(i.device)[i].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+def _gather(table, i, x):
+    """table[i] of a float64 schedule table on x's device, in x's dtype, shaped (N, 1, ..., 1) to
+    broadcast against x. index_select rather than table[i]: the same gather, and it also runs on
+    fake CUDA tensors in a CPU build of torch, whose Python indexing refuses them (tests)."""
+    return table.index_select(0, i).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
 def _check_sampler(sampler, valid, objective):
@@ -71,6 +83,26 @@ def _check_sampler(sampler, valid, objective):
 # DDPM
 # ----------------------------------------------------------------------------
 
+def space_timesteps(num_timesteps, count):
+    """The `count` timesteps of 0 .. num_timesteps-1 that DiT / IDDPM keep when respacing.
+
+    Their space_timesteps(T, [count]) walks a float position from 0 in strides of
+    (T - 1) / (count - 1) and keeps Python's round() of each, half to even. The position is
+    accumulated, not k * stride, because its float rounding decides the near-ties: at 21 steps
+    the 11th position sums to just under 499.5 and keeps 499, where linspace(0, 999, 21) puts
+    exactly 499.5 and rounds to 500. count = 1 keeps [0].
+    """
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"respacing must be between 1 and {num_timesteps} steps, got {count}")
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1.0
+    kept = []
+    position = 0.0
+    for _ in range(count):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
 class GaussianDiffusion:
     """DDPM with epsilon prediction and learned-range variance, T = 1000 linear betas by default.
 
@@ -80,6 +112,12 @@ class GaussianDiffusion:
     """
     samplers = ("ddpm", "ddim")
     default_steps = 250  # sampling steps: DiT's FID setting
+    # the per-step tables, float64 on the CPU; lookups use their copy on the data's device
+    TABLES = ("betas", "log_betas", "alphas_cumprod", "alphas_cumprod_prev",
+              "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+              "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+              "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2",
+              "posterior_log_variance_clipped", "timestep_map")
 
     def __init__(self, num_timesteps=1000, respacing=None):
         self.base_num_timesteps = num_timesteps
@@ -88,22 +126,27 @@ class GaussianDiffusion:
         betas = torch.linspace(scale * 1e-4, scale * 2e-2, num_timesteps, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.timestep_map = torch.arange(num_timesteps)
+        if respacing == 1:
+            # DiT keeps only t = 0 here and then fails in p_mean_variance with an IndexError: a
+            # one-step schedule has no t = 1 to clip the posterior log variance to
+            raise ValueError("respacing=1 keeps only timestep 0 (as DiT's space_timesteps does), "
+                             "from which no sampler can run (DiT fails there too); use 2 or more steps")
         if respacing is not None:
-            if not 2 <= respacing <= num_timesteps:
-                raise ValueError(f"respacing must be between 2 and {num_timesteps} steps, got {respacing}")
-            # evenly strided steps from 0 to T-1 (DiT's "250"); new betas keep the kept alpha-bars
-            # unchanged: 1 - beta'_k = abar[t_k] / abar[t_{k-1}] (Nichol & Dhariwal 2021 Sec. 4)
-            kept = torch.linspace(0, num_timesteps - 1, respacing, dtype=torch.float64)
-            self.timestep_map = kept.round().long()
+            # evenly strided steps from 0 to T-1, exactly DiT's (e.g. "250"); new betas keep the kept
+            # alpha-bars: 1 - beta'_k = abar[t_k] / abar[t_{k-1}] (Nichol & Dhariwal 2021 Sec. 4)
+            self.timestep_map = torch.tensor(space_timesteps(num_timesteps, respacing))
             alphas_cumprod = alphas_cumprod[self.timestep_map]
             betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         self.num_timesteps = len(betas)
 
         abar = alphas_cumprod
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        self.betas, self.log_betas = betas, torch.log(betas)
-        self.alphas_cumprod, self.alphas_cumprod_prev = abar, abar_prev
-        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = abar.sqrt(), (1 - abar).sqrt()
+        self.betas = betas
+        self.log_betas = torch.log(betas)
+        self.alphas_cumprod = abar
+        self.alphas_cumprod_prev = abar_prev
+        self.sqrt_alphas_cumprod = abar.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt()
         self.sqrt_recip_alphas_cumprod = (1 / abar).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt()
         # posterior q(x_{t-1} | x_t, x_0), Ho et al. 2020 Eq. 6-7
@@ -113,43 +156,67 @@ class GaussianDiffusion:
         # the posterior variance is 0 at t = 0: clip its log to the t = 1 value, as IDDPM does
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self._device_tables = {}  # device -> the TABLES there, see tables()
+        self._respaced = {}       # sampling steps -> this schedule respaced, see sample()
+
+    def tables(self, device):
+        """The TABLES on `device` (the data's), moved there on first use and kept.
+
+        Moving them per lookup would be 12 host-to-device copies per training step and 8 per
+        sampling step, each a full stream sync from pageable memory on CUDA. They stay float64:
+        lookups only gather N values and cast them to the data's dtype.
+        """
+        tables = self._device_tables.get(device)
+        if tables is None:
+            moved = {name: getattr(self, name).to(device) for name in self.TABLES}
+            tables = SimpleNamespace(**moved)
+            self._device_tables[device] = tables
+        return tables
 
     def q_sample(self, x0, i, noise):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: DiT-MoE Eq. 1, Ho et al. 2020 Eq. 4."""
-        a, b = _gather(self.sqrt_alphas_cumprod, i, x0), _gather(self.sqrt_one_minus_alphas_cumprod, i, x0)
+        tab = self.tables(x0.device)
+        a = _gather(tab.sqrt_alphas_cumprod, i, x0)  # (N, 1, 1, 1)
+        b = _gather(tab.sqrt_one_minus_alphas_cumprod, i, x0)
         return a * x0 + b * noise
 
     def q_posterior(self, x0, x_t, i):
         """Mean and clipped log variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020 Eq. 7."""
-        coef1, coef2 = _gather(self.posterior_mean_coef1, i, x_t), _gather(self.posterior_mean_coef2, i, x_t)
-        return coef1 * x0 + coef2 * x_t, _gather(self.posterior_log_variance_clipped, i, x_t)
+        tab = self.tables(x_t.device)
+        coef1 = _gather(tab.posterior_mean_coef1, i, x_t)
+        coef2 = _gather(tab.posterior_mean_coef2, i, x_t)
+        return coef1 * x0 + coef2 * x_t, _gather(tab.posterior_log_variance_clipped, i, x_t)
 
     def pred_x0(self, x_t, i, eps):
         """x_0 implied by an epsilon prediction: Ho et al. 2020 Eq. 4 solved for x_0."""
-        return (_gather(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t
-                - _gather(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps)
+        tab = self.tables(x_t.device)
+        return (_gather(tab.sqrt_recip_alphas_cumprod, i, x_t) * x_t
+                - _gather(tab.sqrt_recipm1_alphas_cumprod, i, x_t) * eps)
 
     def p_mean_variance(self, out, x_t, i):
         """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t) from model output (N, 2C or C, ...)."""
+        tab = self.tables(x_t.device)
         C = x_t.shape[1]
-        pred_x0 = self.pred_x0(x_t, i, out[:, :C])
+        # narrow(1, 0, C) is out[:, :C]; see _gather for why not the indexing
+        pred_x0 = self.pred_x0(x_t, i, out.narrow(1, 0, C))
         mean, _ = self.q_posterior(pred_x0, x_t, i)  # Ho et al. 2020 Eq. 11 in x_0 form
         if out.shape[1] == 2 * C:
             # learned range, Nichol & Dhariwal 2021 Eq. 15: v in [-1, 1] interpolates the log
             # variance between the posterior variance (v = -1) and beta_t (v = +1)
-            frac = (out[:, C:] + 1) / 2
-            min_log = _gather(self.posterior_log_variance_clipped, i, x_t)
-            log_var = frac * _gather(self.log_betas, i, x_t) + (1 - frac) * min_log
+            frac = (out.narrow(1, C, C) + 1) / 2
+            min_log = _gather(tab.posterior_log_variance_clipped, i, x_t)
+            log_var = frac * _gather(tab.log_betas, i, x_t) + (1 - frac) * min_log
         else:
             # no variance channels: fixed sigma_t^2 = beta_t (Ho et al. 2020 Sec. 3.2, DiT's default)
-            log_var = _gather(self.log_betas, i, x_t)
+            log_var = _gather(tab.log_betas, i, x_t)
         return mean, log_var, pred_x0
 
     def training_inputs(self, x0, generator=None):
         """Uniform t and the noised x_t for a batch x0 (N, C, H, W) -> t (N,) long, x_t, noise."""
         i = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self.timestep_map.to(x0.device)[i], self.q_sample(x0, i, noise), noise
+        t = self.tables(x0.device).timestep_map.index_select(0, i)  # what the model embeds
+        return t, self.q_sample(x0, i, noise), noise
 
     def target(self, x0, noise):
         """What the first C output channels predict: the noise epsilon (Ho et al. 2020 Eq. 14)."""
@@ -160,13 +227,14 @@ class GaussianDiffusion:
 
         t: the timesteps the model saw (original indices, as training_inputs returns them).
         """
-        i = torch.searchsorted(self.timestep_map.to(t.device), t)
+        i = torch.searchsorted(self.tables(t.device).timestep_map, t)  # back to the internal index
         C = x0.shape[1]
-        terms = {"mse": mean_flat((self.target(x0, noise) - out[:, :C]) ** 2)}  # L_simple, Ho et al. Eq. 14
+        eps = out.narrow(1, 0, C)  # (N, C, H, W)
+        terms = {"mse": mean_flat((self.target(x0, noise) - eps) ** 2)}  # L_simple, Ho et al. Eq. 14
         if out.shape[1] == 2 * C:
             # L_vlb trains only the variance: with eps detached, the mean is learned by L_simple
             # alone (IDDPM Sec. 3.1, "stop-gradient" on the mean)
-            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+            frozen = torch.cat([eps.detach(), out.narrow(1, C, C)], dim=1)
             mean, log_var, _ = self.p_mean_variance(frozen, x_t, i)
             true_mean, true_log_var = self.q_posterior(x0, x_t, i)
             kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
@@ -182,10 +250,10 @@ class GaussianDiffusion:
 
     def _reverse_steps(self, x, progress):
         """From the last step down to 0: (i, i_n, t_n) = the index, it as (N,), the model's timesteps (N,)."""
-        timestep_map = self.timestep_map.to(x.device)
+        timestep_map = self.tables(x.device).timestep_map
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
-            i_n = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            yield i, i_n, timestep_map[i_n]
+            i_n = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # a fill, no copy
+            yield i, i_n, timestep_map.index_select(0, i_n)
 
     @torch.no_grad()
     def p_sample_loop(self, model_fn, noise, randn=torch.randn_like, progress=False):
@@ -201,10 +269,12 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, model_fn, noise, eta=0.0, randn=torch.randn_like, progress=False):
         """DDIM, Song et al. 2021 Eq. 12; eta = 0 is deterministic, eta = 1 is ancestral DDPM."""
         x = noise
+        tab = self.tables(x.device)
         for i, i_n, t_n in self._reverse_steps(x, progress):
-            eps = model_fn(x, t_n)[:, :x.shape[1]]
+            eps = model_fn(x, t_n).narrow(1, 0, x.shape[1])
             pred_x0 = self.pred_x0(x, i_n, eps)
-            abar, abar_prev = _gather(self.alphas_cumprod, i_n, x), _gather(self.alphas_cumprod_prev, i_n, x)
+            abar = _gather(tab.alphas_cumprod, i_n, x)
+            abar_prev = _gather(tab.alphas_cumprod_prev, i_n, x)
             # Song et al. 2021 Eq. 16; eta = 1 makes sigma^2 the posterior variance of Ho et al. Eq. 7
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             x = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
@@ -221,7 +291,11 @@ class GaussianDiffusion:
         sampler = _check_sampler(sampler, self.samplers, "ddpm")
         diffusion = self
         if num_steps is not None and num_steps != self.num_timesteps:
-            diffusion = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
+            # kept, so that its tables move to the device once, not once per batch
+            if num_steps not in self._respaced:
+                respaced = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
+                self._respaced[num_steps] = respaced
+            diffusion = self._respaced[num_steps]
         if sampler == "ddpm":
             return diffusion.p_sample_loop(model_fn, noise, randn, progress)
         return diffusion.ddim_sample_loop(model_fn, noise, eta, randn, progress)
@@ -261,16 +335,17 @@ class RectifiedFlow:
 
     def training_losses(self, out, x0, x_t, t, noise):
         """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out are used."""
-        rf = mean_flat((self.target(x0, noise) - out[:, :x0.shape[1]]) ** 2)
+        rf = mean_flat((self.target(x0, noise) - out.narrow(1, 0, x0.shape[1])) ** 2)
         return {"loss": rf, "rf": rf}
 
     @torch.no_grad()
     def euler_sample_loop(self, model_fn, noise, num_steps, progress=False):
         """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0 in num_steps equal steps."""
-        z, dt = noise, 1.0 / num_steps
+        z = noise
+        dt = 1.0 / num_steps
         for k in tqdm(range(num_steps, 0, -1), disable=not progress):
-            t = torch.full((z.shape[0],), k / num_steps, device=z.device, dtype=z.dtype)
-            z = z - dt * model_fn(z, t)[:, :z.shape[1]]
+            t = torch.full((z.shape[0],), k / num_steps, device=z.device, dtype=z.dtype)  # a fill, no copy
+            z = z - dt * model_fn(z, t).narrow(1, 0, z.shape[1])
         return z
 
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,

@@ -1,18 +1,23 @@
 """
 Tests of diffusion.py against independent computations: closed forms written in numpy,
-Gaussian conditioning, numerical integration, scipy's normal CDF and sharp Monte Carlo.
+Gaussian conditioning, numerical integration, scipy's normal CDF, sharp Monte Carlo, the
+official respacing rule restated, and a count of host syncs on fake CUDA tensors.
 
     python -m pytest -q tests/test_diffusion.py
 """
+import itertools
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffusion import (GaussianDiffusion, RectifiedFlow, create_objective,
-                       discretized_gaussian_log_likelihood, normal_kl)
+                       discretized_gaussian_log_likelihood, normal_kl, space_timesteps)
+from sync_count import CountSyncs
 
 T = 1000
 BETAS = np.linspace(1e-4, 2e-2, T)       # Ho et al. 2020 linear schedule, written out here
@@ -20,12 +25,11 @@ ABAR = np.cumprod(1 - BETAS)             # alpha-bar_t = prod_{s <= t} (1 - beta
 
 
 def dit_respacing(n):
-    """DiT's space_timesteps(1000, str(n)): a float stride accumulated from 0, rounded."""
-    stride, cur, kept = (T - 1) / (n - 1), 0.0, []
-    for _ in range(n):
-        kept.append(round(cur))
-        cur += stride
-    return kept
+    """DiT's space_timesteps(1000, str(n)) restated: the running sums 0, s, s + s, ... of the float
+    stride s = 999 / (n - 1) (1 when n = 1), added left to right, each rounded half to even."""
+    stride = (T - 1) / (n - 1) if n > 1 else 1.0
+    positions = itertools.accumulate([stride] * (n - 1), initial=0.0)
+    return [round(p) for p in positions]
 
 
 def posterior_by_conditioning(abar_t, abar_prev, x0, x_t):
@@ -111,21 +115,31 @@ def test_normal_kl_against_quadrature(m1, lv1, m2, lv2):
     assert abs(kl - ref) < 1e-8
 
 
-def test_discretized_log_likelihood_against_scipy():
+def test_discretized_log_likelihood_against_extended_precision():
     x = np.linspace(-1, 1, 256)                           # the 256 levels, both edges included
     rng = np.random.default_rng(1)
     log_scale = rng.uniform(-6, 0.5, size=256)
-    scale = np.exp(log_scale)
-    # means within a few standard deviations of x, and eight far away where P < 1e-12 is clamped
-    z = rng.normal(scale=2, size=256)
+    # means from 7.2 standard deviations below x to 7.2 above: both tails down to the 1e-12 clamp,
+    # where float64 CDFs lose digits; and eight far away, clamped
+    z = rng.uniform(-7.2, 7.2, size=256)
     z[100:108] = 60
-    mean = x - scale * z
-    with np.errstate(divide="ignore"):
-        ref = np.log(stats.norm.cdf(x + 1 / 255, mean, scale) - stats.norm.cdf(x - 1 / 255, mean, scale))
-    ref[0] = stats.norm.logcdf(x[0] + 1 / 255, mean[0], scale[0])       # left edge bin: (-inf, -1 + 1/255]
-    ref[-1] = stats.norm.logsf(x[-1] - 1 / 255, mean[-1], scale[-1])    # right edge bin: [1 - 1/255, inf)
-    out = discretized_gaussian_log_likelihood(*(torch.from_numpy(a) for a in (x, mean, log_scale)))
-    np.testing.assert_allclose(out.numpy(), np.maximum(ref, np.log(1e-12)), rtol=1e-9, atol=1e-12)
+    mean = x - np.exp(log_scale) * z
+    ref = []
+    with mpmath.workdps(50):  # 50 digits: the reference has no cancellation or tail error
+        for xk, mk, sk in zip(x, mean, log_scale):
+            inv_std = mpmath.exp(-mpmath.mpf(sk))
+            upper = mpmath.ncdf(inv_std * (mpmath.mpf(xk) - mpmath.mpf(mk) + mpmath.mpf(1) / 255))
+            lower = mpmath.ncdf(inv_std * (mpmath.mpf(xk) - mpmath.mpf(mk) - mpmath.mpf(1) / 255))
+            # edge bins open: (-inf, -1 + 1/255] and [1 - 1/255, inf)
+            prob = upper if xk < -0.999 else 1 - lower if xk > 0.999 else upper - lower
+            ref.append(float(mpmath.log(max(prob, mpmath.mpf(1e-12)))))
+    inputs = [torch.from_numpy(a).requires_grad_() for a in (x, mean, log_scale)]
+    out = discretized_gaussian_log_likelihood(*inputs)
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-9, atol=1e-12)
+    assert sum(r > math.log(1e-12) for r in ref) > 200 and min(r for r in ref if r > -27.6) < -25
+    # the branches torch.where leaves unused must not turn the gradient into NaN
+    grads = torch.autograd.grad(out.sum(), inputs[1:])
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 # ----------------------------------------------------------------------------
@@ -141,9 +155,48 @@ def test_respacing_keeps_alpha_bars():
     full, same = GaussianDiffusion(), GaussianDiffusion(respacing=1000)
     assert same.timestep_map.tolist() == list(range(T))
     np.testing.assert_allclose(same.betas.numpy(), full.betas.numpy(), rtol=1e-10)
-    for bad in (0, 1, 1001):
+    for bad in (0, 1001):
         with pytest.raises(ValueError, match="respacing"):
             GaussianDiffusion(respacing=bad)
+
+
+def test_respacing_is_the_official_rule_at_every_count():
+    # every count 1..1000, the rule alone and as the schedule a GaussianDiffusion samples with
+    linspace_differs = 0
+    for n in range(1, T + 1):
+        official = dit_respacing(n)
+        assert space_timesteps(T, n) == official, n
+        if n > 1:
+            assert GaussianDiffusion(respacing=n).timestep_map.tolist() == official, n
+            old_rule = torch.linspace(0, T - 1, n, dtype=torch.float64).round().long().tolist()
+            linspace_differs += old_rule != official
+    # the counts where the old rule, torch.linspace(0, 999, n).round(), kept other steps
+    assert linspace_differs == 282
+
+
+def test_respacing_hand_worked_counts():
+    assert space_timesteps(T, 2) == [0, 999]
+    assert space_timesteps(T, 4) == [0, 333, 666, 999]
+    assert space_timesteps(T, T) == list(range(T))
+    # 7 steps: stride 166.5 and its multiples are exact floats, so the ties are true ties, rounded
+    # half to even (Python's round, as the official code): 166.5 -> 166, 499.5 -> 500, 832.5 -> 832
+    assert space_timesteps(T, 7) == [0, 166, 333, 500, 666, 832, 999]
+    # 21 steps: stride fl(999 / 20) = 49.95 + 2.8e-15; ten additions sum to 499.49999999999994, so
+    # the official code keeps 499 where linspace (exactly 499.5, to even: 500) and 10 * stride
+    # (rounded once to 499.5) would keep 500
+    stride = 999 / 20
+    assert sum([stride] * 10) == 499.49999999999994 and 10 * stride == 499.5
+    kept = space_timesteps(T, 21)
+    assert kept[9:12] == [450, 499, 549] and len(kept) == 21 and kept[-1] == 999
+    assert torch.linspace(0, 999, 21, dtype=torch.float64)[10] == 499.5
+    # 1 step: the official rule keeps t = 0 alone, where DiT's sampler fails (no t = 1 to clip
+    # the posterior log variance to): the rule answers, the schedule refuses with the reason
+    assert space_timesteps(T, 1) == [0]
+    with pytest.raises(ValueError, match="keeps only timestep 0"):
+        GaussianDiffusion(respacing=1)
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="between 1 and 1000"):
+            space_timesteps(T, bad)
 
 
 def test_learned_range_endpoints():
@@ -222,6 +275,55 @@ def test_training_inputs():
     assert len(set(t.tolist())) > 200                   # uniform over the 250 kept steps
     a = torch.from_numpy(np.sqrt(ABAR[t.numpy()])).float().view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t, a * x0 + (1 - a ** 2).sqrt() * noise, rtol=1e-5, atol=1e-5)
+
+
+def tanh_normal_cdf(z):
+    """The official code's normal CDF (IDDPM / DiT diffusion_utils, after Page 1977):
+    Phi(z) ~ (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3))) / 2."""
+    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
+def decoder_nll_bits(x0, mean, log_var, cdf, sf):
+    """-log p(x_0 | x_1) per sample, bits per dim: Ho et al. 2020 Eq. 13's bins of half-width
+    1/255 under N(mean, exp(log_var)) with the given CDF and survival function, edge bins open,
+    probabilities clamped at 1e-12 as the official code does."""
+    inv_std = np.exp(-0.5 * log_var)
+    upper = inv_std * (x0 - mean + 1 / 255)
+    lower = inv_std * (x0 - mean - 1 / 255)
+    # a bin above the mean as a difference of tails, where the CDFs would cancel
+    bin_prob = np.where(lower > 0, sf(lower) - sf(upper), cdf(upper) - cdf(lower))
+    prob = np.where(x0 < -0.999, cdf(upper), np.where(x0 > 0.999, sf(lower), bin_prob))
+    return -np.log(np.maximum(prob, 1e-12)).reshape(len(x0), -1).mean(1) / math.log(2)
+
+
+def test_t0_vb_against_the_official_tanh_cdf():
+    # we keep the exact normal CDF for the decoder term at t = 0; this measures how far the
+    # official tanh approximation moves vb there (the numbers of the README's table of differences)
+    z = np.linspace(-8, 8, 160001)
+    cdf_error = np.abs(tanh_normal_cdf(z) - stats.norm.cdf(z)).max()
+    assert 1.78e-4 < cdf_error < 1.80e-4  # the approximation's known worst case, near |z| = 2.59
+    d = GaussianDiffusion()
+    rng = np.random.default_rng(20)
+    x0 = rng.normal(size=(64, 4, 32, 32))  # latent-like: 256px SD-VAE latents, about unit scale
+    noise = rng.normal(size=x0.shape)
+    t = torch.zeros(len(x0), dtype=torch.long)
+    x_t = d.q_sample(torch.from_numpy(x0), t, torch.from_numpy(noise))
+    # model outputs: DiT's zero-initialised head (eps = 0, v = 0); eps = 0 is also near what a
+    # trained model predicts at t = 0, where the noise is 1% of the signal; an eps guess
+    # independent of the noise with the smallest variance (v = -1) is the far case
+    cases = [(np.zeros_like(x0), np.zeros_like(x0), 0.0002, 0.0007),
+             (np.zeros_like(x0), -np.ones_like(x0), 0.0012, 0.0025),
+             (rng.normal(size=x0.shape), -np.ones_like(x0), 0.012, 0.018)]
+    for eps, v, low, high in cases:
+        out = torch.from_numpy(np.concatenate([eps, v], axis=1))
+        vb = d.training_losses(out, torch.from_numpy(x0), x_t, t, torch.from_numpy(noise))["vb"].numpy()
+        mean, log_var, _ = d.p_mean_variance(out, x_t, t)
+        mean = mean.numpy()
+        log_var = log_var.numpy()
+        exact = decoder_nll_bits(x0, mean, log_var, stats.norm.cdf, stats.norm.sf)
+        official = decoder_nll_bits(x0, mean, log_var, tanh_normal_cdf, lambda z: 1 - tanh_normal_cdf(z))
+        np.testing.assert_allclose(vb, exact, rtol=1e-9)
+        assert low < official.mean() / vb.mean() - 1 < high
 
 
 # ----------------------------------------------------------------------------
@@ -355,6 +457,110 @@ def test_euler_integrates_known_fields():
     c = torch.randn(1, 2, 3, 3, generator=generator(14), dtype=torch.float64)
     z0 = rf.sample(lambda z, t: t.view(-1, 1, 1, 1) * c, z1)
     torch.testing.assert_close(z0, z1 - c * 51 / 100, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Host syncs, traced on fake CUDA tensors (and on meta) without a GPU
+# ----------------------------------------------------------------------------
+
+def device_model_fn(x, t):
+    """A stand-in for the network that makes nothing on the CPU: eps and v from x and t."""
+    eps = 0.5 * x + t.to(x.dtype).view(-1, 1, 1, 1) / 1000
+    return torch.cat([eps, torch.zeros_like(x)], dim=1)  # (N, 2C, H, W)
+
+
+# Autograd cannot run on fake CUDA tensors in a CPU build of torch: recording the graph aborts
+# the process (autograd's InputMetadata asks for the missing CUDA device guard), so the backward
+# of the losses is traced on meta only; its ops are device-generic.
+BACKWARD = {"cuda": False, "meta": True}
+
+
+def ddpm_round(d, x0):
+    """One training step's diffusion calls (and the loss's backward, on meta) and three samplers."""
+    t, x_t, noise = d.training_inputs(x0)
+    out = torch.randn(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:], device=x0.device,
+                      requires_grad=BACKWARD[x0.device.type])
+    loss = d.training_losses(out, x0, x_t, t, noise)["loss"].sum()
+    if out.requires_grad:
+        loss.backward()
+    d.sample(device_model_fn, noise, sampler="ddpm", num_steps=3)
+    d.sample(device_model_fn, noise, sampler="ddim", num_steps=3, eta=1.0)
+    d.p_sample_loop(device_model_fn, noise)  # the object's own schedule
+
+
+@pytest.mark.parametrize("device", ["cuda", "meta"])
+def test_ddpm_paths_are_free_of_host_syncs(device):
+    d = GaussianDiffusion(respacing=4)  # made as usual: its tables are real CPU tensors
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x0 = torch.randn(2, 4, 8, 8, device=device)
+        # first use: each schedule (this one and the 3-step one sample() respaces to) moves its
+        # tables to the device once; the copies happen here and only here
+        with CountSyncs() as first:
+            ddpm_round(d, x0)
+        dev = str(x0.device)
+        assert first.events == [("aten._to_copy.default", f"copy cpu -> {dev}")] * 2 * len(d.TABLES)
+        # from then on: no copy, no .item(), no nonzero, no CPU tensor, in training or sampling
+        with CountSyncs() as c:
+            ddpm_round(d, x0)
+    assert c.events == [], c.report()
+    assert c.async_copies == [] and c.host_outputs == []
+
+
+@pytest.mark.parametrize("device", ["cuda", "meta"])
+def test_rectified_flow_is_free_of_host_syncs(device):
+    rf = RectifiedFlow()
+    with FakeTensorMode():
+        x0 = torch.randn(2, 4, 8, 8, device=device)
+        with CountSyncs() as c:
+            t, x_t, noise = rf.training_inputs(x0)
+            out = torch.randn(2, 8, 8, 8, device=device, requires_grad=BACKWARD[device])
+            loss = rf.training_losses(out, x0, x_t, t, noise)["loss"].sum()
+            if out.requires_grad:
+                loss.backward()
+            rf.sample(device_model_fn, noise, num_steps=3)
+    assert c.events == [], c.report()
+    assert c.async_copies == [] and c.host_outputs == []
+
+
+def test_sync_counter_sees_what_syncs():
+    # the counter itself: each way to make the host wait is recorded, device-only work is not
+    # (on meta, where the Python indexing of a CPU build of torch accepts fake tensors); the fake
+    # tensors refuse most of these ops, after the counter has seen them
+    host = torch.arange(6.0).view(2, 3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 3, device="meta")
+        ones = torch.ones(2, dtype=torch.long, device="meta")
+        waits = [
+            ("aten._local_scalar_dense.default", lambda: x.sum().item()),
+            ("aten._local_scalar_dense.default", lambda: bool(x.sum() > 0)),
+            ("aten.nonzero.default", lambda: torch.where(x > 0)),
+            ("aten.masked_select.default", lambda: x.masked_select(x > 0)),
+            ("aten._unique2.default", lambda: torch.unique(x)),
+            ("aten.index.Tensor", lambda: x[x > 0]),
+            ("aten.repeat_interleave.Tensor", lambda: ones.repeat_interleave(ones)),
+            ("aten.equal.default", lambda: torch.equal(x, x)),
+            ("aten.add.Tensor", lambda: x + host),
+        ]
+        for op, f in waits:
+            with CountSyncs() as c:
+                with pytest.raises(Exception):
+                    f()
+            assert [e[0] for e in c.events] == [op]
+        with CountSyncs() as c:
+            x[x > 0] = 1.0  # a masked write runs nonzero too, though the fake tensor lets it pass
+            host.to(x.device)
+            x.cpu()
+            x.new_empty(2, 3).copy_(host)
+        assert c.events == [("aten.index_put_.default", "boolean-mask indexing runs nonzero"),
+                            ("aten._to_copy.default", "copy cpu -> meta"),
+                            ("aten._to_copy.default", "copy meta -> cpu"),
+                            ("aten.copy_.default", "copy cpu -> meta")]
+        with CountSyncs() as c:
+            host.to(x.device, non_blocking=True)
+            index = torch.zeros(1, dtype=torch.long, device="meta")
+            (x * 2.0 + x.exp() * torch.tensor(3.0)).index_select(0, index)
+        assert c.events == [] and c.async_copies == [("aten._to_copy.default", "cpu -> meta")]
+        assert c.host_outputs == ["aten.lift_fresh.default"]  # torch.tensor(3.0): a 0-dim CPU scalar
 
 
 # ----------------------------------------------------------------------------
