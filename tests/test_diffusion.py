@@ -475,13 +475,13 @@ def device_model_fn(x, t):
 BACKWARD = {"cuda": False, "meta": True}
 
 
-def ddpm_round(d, x0):
-    """One training step's diffusion calls (and the loss's backward, on meta) and three samplers."""
+def ddpm_round(d, x0, backward):
+    """One training step's diffusion calls (and the loss's backward) and three samplers."""
     t, x_t, noise = d.training_inputs(x0)
     out = torch.randn(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:], device=x0.device,
-                      requires_grad=BACKWARD[x0.device.type])
+                      requires_grad=backward)
     loss = d.training_losses(out, x0, x_t, t, noise)["loss"].sum()
-    if out.requires_grad:
+    if backward:
         loss.backward()
     d.sample(device_model_fn, noise, sampler="ddpm", num_steps=3)
     d.sample(device_model_fn, noise, sampler="ddim", num_steps=3, eta=1.0)
@@ -496,14 +496,25 @@ def test_ddpm_paths_are_free_of_host_syncs(device):
         # first use: each schedule (this one and the 3-step one sample() respaces to) moves its
         # tables to the device once; the copies happen here and only here
         with CountSyncs() as first:
-            ddpm_round(d, x0)
+            ddpm_round(d, x0, BACKWARD[device])
         dev = str(x0.device)
         assert first.events == [("aten._to_copy.default", f"copy cpu -> {dev}")] * 2 * len(d.TABLES)
         # from then on: no copy, no .item(), no nonzero, no CPU tensor, in training or sampling
         with CountSyncs() as c:
-            ddpm_round(d, x0)
+            ddpm_round(d, x0, BACKWARD[device])
     assert c.events == [], c.report()
     assert c.async_copies == [] and c.host_outputs == []
+
+
+def rf_round(rf, x0, backward):
+    """Rectified flow's training calls (and the loss's backward) and its Euler sampler."""
+    t, x_t, noise = rf.training_inputs(x0)
+    out = torch.randn(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:], device=x0.device,
+                      requires_grad=backward)
+    loss = rf.training_losses(out, x0, x_t, t, noise)["loss"].sum()
+    if backward:
+        loss.backward()
+    rf.sample(device_model_fn, noise, num_steps=3)
 
 
 @pytest.mark.parametrize("device", ["cuda", "meta"])
@@ -512,14 +523,26 @@ def test_rectified_flow_is_free_of_host_syncs(device):
     with FakeTensorMode():
         x0 = torch.randn(2, 4, 8, 8, device=device)
         with CountSyncs() as c:
-            t, x_t, noise = rf.training_inputs(x0)
-            out = torch.randn(2, 8, 8, 8, device=device, requires_grad=BACKWARD[device])
-            loss = rf.training_losses(out, x0, x_t, t, noise)["loss"].sum()
-            if out.requires_grad:
-                loss.backward()
-            rf.sample(device_model_fn, noise, num_steps=3)
+            rf_round(rf, x0, BACKWARD[device])
     assert c.events == [], c.report()
     assert c.async_copies == [] and c.host_outputs == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_syncs_on_a_real_gpu():
+    # the same rounds on a GPU, with CUDA's own sync detector: a synchronizing call raises
+    d = GaussianDiffusion(respacing=4)
+    rf = RectifiedFlow()
+    x0 = torch.randn(2, 4, 8, 8, device="cuda")
+    ddpm_round(d, x0, backward=True)  # the first call moves the tables: a sync, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ddpm_round(d, x0, backward=True)
+        rf_round(rf, x0, backward=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_sync_counter_sees_what_syncs():
