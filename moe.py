@@ -28,6 +28,27 @@ from torch import Tensor
 ROUTERS = ("token", "expert", "race")  # DiT-MoE, EC-DiT, Race-DiT
 EXPERT_RATIO, SHARED_RATIO = 4, 2  # routed expert width 4D; shared expert width 2D (paper: n_s = 2)
 RACE_MOMENTUM = 0.99  # EMA of the race threshold per training forward: a memory of ~100 batches
+DISPATCHES = ("auto", "grouped", "padded")
+
+_CAPABILITY = {}  # CUDA device index -> compute capability, queried once
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the result
+def cuda_capability(index: int) -> tuple:
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+def grouped_mm_is_fast(device, dtype):
+    """Whether torch's grouped GEMM runs without a host sync. PyTorch 2.13's _grouped_mm_cuda takes
+    its CUTLASS kernel only for bfloat16 on compute capability 9.x or 10.x (H100/H200, B200); else
+    _grouped_mm_fallback copies offs to the host (a sync) and runs one mm per group. On CPU there
+    is no device to wait for."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and cuda_capability(device.index)[0] in (9, 10)
+
 
 # ----------------------------------------------------------------------------
 # Grouped GEMM
@@ -116,10 +137,13 @@ class MoE(nn.Module):
 
     def __init__(self, dim, num_experts=8, top_k=2, hidden=None, shared_hidden=None,
                  router="token", balance_alpha=0.05, renormalize=False, capacity_factor=1.0,
-                 similarity_beta=0.01):
+                 similarity_beta=0.01, dispatch="auto"):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {', '.join(DISPATCHES)}")
+        self.dispatch = dispatch
         hidden = EXPERT_RATIO * dim if hidden is None else hidden
         shared_hidden = SHARED_RATIO * dim if shared_hidden is None else shared_hidden
         if dim % 8 or hidden % 8:  # grouped_mm needs rows aligned to 16 bytes
@@ -167,7 +191,8 @@ class MoE(nn.Module):
         no side effects. Returns the flat assignment list (token, expert, weight), each (A,), token
         indexing the N*T rows, and the router's losses. Expert id E: a race candidate not selected."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32, autocast or not
-            s = F.linear(x.float(), self.router.weight.float())  # (N, T, E) router logits
+            dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays (tests)
+            s = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (N, T, E) router logits
             rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
             return rule[self.router_kind](s)
 
@@ -200,7 +225,9 @@ class MoE(nn.Module):
         scores = s.softmax(dim=-1)  # (N, T, E)
         weight, token = scores.transpose(1, 2).topk(capacity, dim=-1)  # (N, E, capacity), index in its image
         token = token + T * torch.arange(N, device=s.device)[:, None, None]
-        expert = torch.arange(E, device=s.device)[None, :, None].expand(N, E, capacity)
+        expert = torch.arange(E, device=s.device)[:, None, None].expand(E, N, capacity)
+        # listed expert by expert, (E, N, capacity), for batched_experts
+        token, weight = token.transpose(0, 1), weight.transpose(0, 1)
         return token.flatten(), expert.flatten(), weight.flatten(), {"router_loss": s.new_zeros(())}
 
     def route_race(self, s):
@@ -230,22 +257,56 @@ class MoE(nn.Module):
         c = z.T @ z / s.shape[0]  # (E, E), diagonal 1
         return self.similarity_beta * (c.square().sum() - c.diagonal().square().sum()) / (E * (E - 1))
 
-    def experts(self, x, token, expert, weight, ragged=False):
-        """y[t] = shared(x[t]) + sum over assignments (t, e, w) with e < E of w * expert_e(x[t]),
-        every input (A,); ragged: some ids are E. Returns y (NT, D) and assignments per expert (E,)."""
+    def grouped_experts(self, x, token, expert, weight):
+        """Sum over assignments (t, e, w) with e < E of w * expert_e(x[t]): the assignments sorted by
+        expert and two grouped GEMMs over the sorted rows. x (NT, D), the rest (A,) -> (NT, D)."""
         expert, order = expert.sort(stable=True)  # group assignments by expert
-        token, weight = token[order], weight[order]
+        token = token.index_select(0, order)
+        weight = weight.index_select(0, order)
         # offs[e] = number of assignments to experts <= e: the group ends grouped_mm wants. The
-        # last one is A unless ragged: then rows past it (expert id E) come out zero.
+        # last one is A unless race inference left candidates (id E): rows past it come out zero.
         expert_ids = torch.arange(self.num_experts, device=x.device)
         offs = torch.searchsorted(expert, expert_ids, right=True, out_int32=True)  # (E,)
-        counts = torch.diff(offs, prepend=offs.new_zeros(1))  # (E,) assignments per expert
+        ragged = self.router_kind == "race" and not self.training
         h = grouped_mm(x.index_select(0, token), self.w_gate_up, offs, ragged)  # (A, 2H)
         gate, up = h.chunk(2, dim=-1)  # each (A, H)
         h = grouped_mm(F.silu(gate) * up, self.w_down, offs, ragged)  # (A, D)
         h = h * weight[:, None].to(h.dtype)  # routing weights are float32
-        y = self.shared(x) if self.shared is not None else h.new_zeros(x.shape)  # (NT, D)
-        return y.index_add_(0, token, h), counts
+        return h.new_zeros(x.shape).index_add_(0, token, h)
+
+    def padded_experts(self, x, token, expert, weight):
+        """The same sum with static shapes: each expert's rows padded to their worst case. A token
+        uses an expert at most once, so that is all NT tokens: every expert runs on every token and
+        an unchosen pair gets weight 0 (0 * a finite value: exact). Costs E/K times the routed
+        FLOPs of the grouped path, as two dense matmuls."""
+        (NT, D), E = x.shape, self.num_experts
+        H = self.w_down.shape[1]
+        combine = weight.new_zeros(NT, E + 1).index_put_((token, expert), weight)  # (NT, E + 1)
+        combine = combine[:, :E]  # column E held the unselected race candidates
+        w_gate_up = self.w_gate_up.transpose(0, 1).reshape(D, E * 2 * H)  # (D, E*2H), expert-major
+        gate, up = (x @ w_gate_up).view(NT, E, 2 * H).chunk(2, dim=-1)  # each (NT, E, H)
+        h = F.silu(gate) * up * combine[..., None].to(gate.dtype)  # (NT, E, H)
+        return h.reshape(NT, E * H) @ self.w_down.reshape(E * H, D)  # (NT, D), summed over experts
+
+    def batched_experts(self, x, token, weight):
+        """Expert choice: each expert has exactly N * capacity rows (route_expert lists them expert by
+        expert), so the experts run as two batched matmuls with no sort and no padding."""
+        E, D = self.num_experts, x.shape[1]
+        h = torch.bmm(x.index_select(0, token).view(E, -1, D), self.w_gate_up)  # (E, N*C, 2H)
+        gate, up = h.chunk(2, dim=-1)  # each (E, N*C, H)
+        h = torch.bmm(F.silu(gate) * up, self.w_down).view(-1, D)  # (A, D)
+        h = h * weight[:, None].to(h.dtype)
+        return h.new_zeros(x.shape).index_add_(0, token, h)
+
+    def dispatch_for(self, x):
+        """The dispatch of token choice and race for input x: self.dispatch unless "auto"; then
+        grouped where the grouped GEMM needs no host sync, padded elsewhere."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        # Under autocast the op runs in bfloat16 (registered above).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.bfloat16 if autocast else x.dtype
+        return "grouped" if grouped_mm_is_fast(x.device, dtype) else "padded"
 
     def forward(self, x):
         N, T, D = x.shape
@@ -254,12 +315,22 @@ class MoE(nn.Module):
         # per step, a memory of ~50 batches instead of ~100.)
         if self.router_kind == "race" and self.training:
             with torch.no_grad():  # the race threshold: EMA of the K-th largest logit, the last to get in
-                last = weight.min()
+                last = weight.min().float()
                 self.threshold.copy_(torch.where(self.threshold.isnan(), last,
                                                  torch.lerp(self.threshold, last, 1 - RACE_MOMENTUM)))
-        ragged = self.router_kind == "race" and not self.training  # inference leaves unselected candidates
-        y, counts = self.experts(x.reshape(N * T, D), token, expert, weight, ragged)  # Eq. 3 + shared
-        aux["counts"] = counts.detach().float()
+        x = x.reshape(N * T, D)
+        if self.router_kind == "expert":
+            y = self.batched_experts(x, token, weight)
+        elif self.dispatch_for(x) == "grouped":
+            y = self.grouped_experts(x, token, expert, weight)
+        else:
+            y = self.padded_experts(x, token, expert, weight)
+        if self.shared is not None:
+            y = y + self.shared(x)  # Eq. 3 plus the shared expert
+        # assignments per expert; race inference's unselected candidates (id E) fall off the end
+        counts = torch.zeros(self.num_experts + 1, device=x.device).index_add_(
+            0, expert, torch.ones(expert.shape, device=x.device))[:-1]
+        aux["counts"] = counts
         return y.reshape(N, T, D), aux
 
 # ----------------------------------------------------------------------------

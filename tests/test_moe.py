@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import MoE, SwiGLU, grouped_mm
+import moe
+from moe import MoE, SwiGLU, grouped_mm, grouped_mm_is_fast
 
 
 # ----------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def reference_moe(m, x):
         Hs = m.shared.down.weight.shape[1]
         Wg, Wu = m.shared.gate_up.weight[:Hs], m.shared.gate_up.weight[Hs:]
         y = y + (F.silu(x @ Wg.T) * (x @ Wu.T)) @ m.shared.down.weight.T
-    share = torch.stack([(expert == e).sum() for e in range(E)]) / (N * T * K)
+    share = torch.stack([(expert == e).sum() for e in range(E)]).to(scores.dtype) / (N * T * K)
     balance = m.balance_alpha * (E * share * scores.mean(dim=0)).sum()
     return y.view(N, T, D), balance
 
@@ -172,15 +173,21 @@ def test_moe_is_exact_over_poisoned_kernel_memory(monkeypatch):
 # The layer against the reference loop
 # ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
 @pytest.mark.parametrize("empty", [False, True])
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared_hidden", [24, 0])
-def test_moe_matches_reference(empty, renormalize, shared_hidden):
-    m, x = make_moe(empty=empty, renormalize=renormalize, shared_hidden=shared_hidden)
+def test_moe_matches_reference(empty, renormalize, shared_hidden, dispatch):
+    # The padded dispatch also runs in float64, where it must match the loop to rounding (1e-12).
+    m, x = make_moe(empty=empty, renormalize=renormalize, shared_hidden=shared_hidden, dispatch=dispatch)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    if dispatch == "padded":
+        m, x = m.double(), x.detach().double().requires_grad_()
+        tol = dict(rtol=1e-12, atol=1e-12)
     m.train()
     y, aux = m(x)
     y_ref, balance_ref = reference_moe(m, x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(aux["router_loss"], balance_ref, rtol=1e-6, atol=1e-8)
     if empty:
         assert aux["counts"][1] == 0 and aux["counts"][3] == 0
@@ -191,7 +198,7 @@ def test_moe_matches_reference(empty, renormalize, shared_hidden):
         expected |= {"shared.gate_up.weight", "shared.down.weight"}
     assert set(names) == expected
     for name, a, b in zip(names, grads(m, x, y, aux["router_loss"], g), grads(m, x, y_ref, balance_ref, g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(a, b, **tol, msg=lambda s: f"{name}: {s}")
 
 
 def test_stride_zero_gradient_backward():
@@ -263,9 +270,10 @@ def test_balance_loss_and_routing_against_numpy():
     torch.testing.assert_close(weight.view(-1, 3).sum(1), torch.ones(24))
 
 
-def test_autocast_runs_experts_in_bfloat16():
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
+def test_autocast_runs_experts_in_bfloat16(dispatch):
     for shared_hidden in (24, 0):
-        m, x = make_moe(shared_hidden=shared_hidden)
+        m, x = make_moe(shared_hidden=shared_hidden, dispatch=dispatch)
         y32, _ = m(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = m(x)
@@ -291,14 +299,57 @@ def test_bad_arguments():
         MoE(12)
     with pytest.raises(ValueError, match="top_k"):
         MoE(16, num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="unknown dispatch"):
+        MoE(16, dispatch="dense")
+
+# ----------------------------------------------------------------------------
+# The choice of dispatch
+# ----------------------------------------------------------------------------
+
+def pretend_gpu(monkeypatch, capability):
+    """Make moe see a CUDA device of this compute capability; returns the list of queries."""
+    queries = []
+    monkeypatch.setattr(moe, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: queries.append(i) or capability)
+    return queries
+
+
+@pytest.mark.parametrize("capability, dtype, fast", [
+    ((9, 0), torch.bfloat16, True),     # H100, H200: CUTLASS
+    ((10, 0), torch.bfloat16, True),    # B200: CUTLASS
+    ((9, 0), torch.float32, False),     # any other dtype takes the fallback (offs.cpu(), mm per group)
+    ((9, 0), torch.float16, False),
+    ((8, 0), torch.bfloat16, False),    # A100
+    ((8, 9), torch.bfloat16, False),    # L4, RTX 4090
+    ((12, 0), torch.bfloat16, False),   # RTX 5090: not in the kernel's list
+])
+def test_grouped_mm_is_fast_by_capability_and_dtype(monkeypatch, capability, dtype, fast):
+    queries = pretend_gpu(monkeypatch, capability)
+    assert grouped_mm_is_fast(torch.device("cuda", 0), dtype) == fast
+    assert grouped_mm_is_fast(torch.device("cuda", 0), dtype) == fast
+    assert queries in ([], [0])  # asked at most once (not for other dtypes), then cached
+    assert grouped_mm_is_fast(torch.device("cpu"), dtype)  # no device to wait for
+    assert not grouped_mm_is_fast(torch.device("meta"), dtype)
+
+
+def test_dispatch_choice_compiles(monkeypatch):
+    # torch.compile(fullgraph=True) must trace the capability query as a constant, not break on it.
+    pretend_gpu(monkeypatch, (9, 0))
+
+    def f(x):
+        return x * 2 if grouped_mm_is_fast(torch.device("cuda", 0), torch.bfloat16) else x
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(torch.ones(3)), torch.full((3,), 2.0))
+    torch._dynamo.reset()
 
 # ----------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compile_fullgraph_matches_eager(dtype):
-    m, x = make_moe(seed=2, empty=True)
+def test_compile_fullgraph_matches_eager(dtype, dispatch):
+    m, x = make_moe(seed=2, empty=True, dispatch=dispatch)
     m = m.to(dtype).train()
     x = x.detach().to(dtype).requires_grad_()
     g = torch.randn(x.shape, dtype=dtype)
