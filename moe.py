@@ -18,6 +18,7 @@ active width costs, and it compiles with torch.compile(fullgraph=True).
 
 Tests: python -m pytest -q tests/test_moe.py tests/test_routers.py
 """
+import contextlib
 import math
 
 import torch
@@ -38,6 +39,13 @@ def cuda_capability(index: int) -> tuple:
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return _CAPABILITY[index]
+
+
+def no_autocast(device_type):
+    """Autocast off on this device type (nothing to turn off where it has none: meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def grouped_mm_is_fast(device, dtype):
@@ -190,7 +198,7 @@ class MoE(nn.Module):
         """The configured router on x (N, T, D), by its training or its inference rule (self.training);
         no side effects. Returns the flat assignment list (token, expert, weight), each (A,), token
         indexing the N*T rows, and the router's losses. Expert id E: a race candidate not selected."""
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32, autocast or not
+        with no_autocast(x.device.type):  # routing decisions in float32, autocast or not
             dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays (tests)
             s = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (N, T, E) router logits
             rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
@@ -304,7 +312,7 @@ class MoE(nn.Module):
         if self.dispatch != "auto":
             return self.dispatch
         # Under autocast the op runs in bfloat16 (registered above).
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         dtype = torch.bfloat16 if autocast else x.dtype
         return "grouped" if grouped_mm_is_fast(x.device, dtype) else "padded"
 

@@ -4,13 +4,19 @@ loop, the routing weights, the Eq. 5 balance loss, and torch.compile.
 
 Run: python -m pytest -q tests/test_moe.py
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 import moe
-from moe import MoE, SwiGLU, grouped_mm, grouped_mm_is_fast
+from moe import ROUTERS, MoE, SwiGLU, grouped_mm, grouped_mm_is_fast
+from sync_count import CountSyncs
 
 
 # ----------------------------------------------------------------------------
@@ -341,6 +347,114 @@ def test_dispatch_choice_compiles(monkeypatch):
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True)(torch.ones(3)), torch.full((3,), 2.0))
     torch._dynamo.reset()
+
+# ----------------------------------------------------------------------------
+# No host sync on a GPU, shown without one
+# ----------------------------------------------------------------------------
+# FakeTensorMode makes "cuda" tensors on this CPU build of torch and runs each op's meta
+# function with CUDA semantics; CountSyncs (tests/sync_count.py) records copies between devices,
+# .item(), nonzero and other data-dependent shapes. Two limits of a CPU build, and what we do:
+# - Python bindings that take a CUDA device guard before dispatch (x[i], x[:, None], .to(dtype),
+#   .float(), .contiguous()) refuse fake CUDA tensors: FakeCudaBindings runs those with the
+#   tensors labelled CPU for the call (device changes and mixed devices are not relabelled).
+# - Autograd aborts the process (not an exception) as soon as it records an op on fake CUDA
+#   (each graph node asks the CUDA device guard for the current stream), autocast's cast of a
+#   weight that requires grad included. So the forward runs with frozen weights, and the backward
+#   runs on the meta device, which shows device crossings and reads but not CUDA's meta checks.
+
+class FakeCudaBindings(TorchFunctionMode):
+    """Run the Tensor methods whose bindings take a device guard on fake CUDA tensors, with the
+    tensors labelled CPU during the call (none of them is affected by autocast)."""
+    GUARDED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.to, torch.Tensor.float,
+               torch.Tensor.bfloat16, torch.Tensor.half, torch.Tensor.double, torch.Tensor.long,
+               torch.Tensor.int, torch.Tensor.bool, torch.Tensor.contiguous, torch.Tensor.copy_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake_cuda = [t for t in tensors if isinstance(t, FakeTensor) and t.device.type == "cuda"]
+        moves = func is torch.Tensor.to and any(
+            isinstance(a, (str, torch.device)) for a in tree_leaves((args[1:], kwargs)))
+        if func not in self.GUARDED or not fake_cuda or moves or len(fake_cuda) < len(tensors):
+            return func(*args, **kwargs)  # as on a GPU: a device change is dispatched (and recorded)
+        cpu, cuda = torch.device("cpu"), fake_cuda[0].device
+        for t in fake_cuda:
+            t.fake_device = cpu
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for t in fake_cuda:
+                t.fake_device = cuda
+        for t in tree_leaves(out):
+            if isinstance(t, FakeTensor):
+                t.fake_device = cuda
+        return out
+
+
+class RecordOps(CountSyncs):
+    """CountSyncs that also keeps the names of the ops it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.name())
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("gpu, capability", [("H100", (9, 0)), ("A100", (8, 0))])
+@pytest.mark.parametrize("precision", ["autocast", "bf16 weights", "fp32"])
+def test_forward_on_fake_cuda_has_no_host_sync(monkeypatch, router, gpu, capability, precision):
+    pretend_gpu(monkeypatch, capability)
+    # torch.autocast("cuda") checks for a device, then autocast runs on fake CUDA tensors as on one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    # the grouped GEMM only where its CUTLASS kernel runs: bf16 on sm90; expert choice never
+    grouped = capability == (9, 0) and precision != "fp32" and router != "expert"
+    m = MoE(64, num_experts=4, top_k=2, router=router)  # built on CPU: fake CUDA has no RNG
+    m.requires_grad_(False)  # autocast's cast of a weight that requires grad records it too
+    with FakeTensorMode():
+        m._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.dim() else t.dtype, device="cuda"))
+        x = torch.empty(2, 16, 64, dtype=dtype, device="cuda")
+        for training in (True, False):
+            m.train(training)
+            amp = torch.autocast("cuda", torch.bfloat16) if precision == "autocast" else contextlib.nullcontext()
+            with torch.no_grad(), amp, FakeCudaBindings(), RecordOps() as rec:
+                y, aux = m(x)
+            assert rec.events == [], rec.report()
+            assert ("moe::grouped_mm" in rec.ops) == grouped, (gpu, precision)
+            assert y.device.type == "cuda" and aux["counts"].device.type == "cuda"
+            assert y.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+            if router != "expert" and not grouped:
+                # What the old code ran everywhere: the grouped GEMM. Here PyTorch's
+                # _grouped_mm_fallback copies offs to the host (aten/src/ATen/native/
+                # GroupedMMUtils.h), inside the kernel where no fake tensor can see it.
+                m.dispatch = "grouped"
+                with torch.no_grad(), amp, FakeCudaBindings(), RecordOps() as rec:
+                    m(x)
+                m.dispatch = "auto"
+                assert "moe::grouped_mm" in rec.ops
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
+def test_backward_on_meta_has_no_host_sync(router, dispatch):
+    # The whole forward + backward (autograd cannot run on fake CUDA here, see above), bf16 weights.
+    m = MoE(64, num_experts=4, top_k=2, router=router, dispatch=dispatch).to("meta", torch.bfloat16)
+    x = torch.empty(2, 16, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    for training in (True, False):
+        m.train(training)
+        with RecordOps() as rec:
+            y, aux = m(x)
+            loss = y.float().square().mean() + aux["router_loss"]
+            grads = torch.autograd.grad(loss, [x, *m.parameters()])
+        assert rec.events == [], rec.report()
+        assert rec.host_outputs == []  # nothing made on the host per step
+        assert ("moe::grouped_mm" in rec.ops) == (dispatch == "grouped" and router != "expert")
+        assert [g.shape for g in grads] == [x.shape] + [p.shape for p in m.parameters()]
 
 # ----------------------------------------------------------------------------
 # torch.compile
