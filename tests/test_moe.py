@@ -5,6 +5,7 @@ loop, the routing weights, the Eq. 5 balance loss, and torch.compile.
 Run: python -m pytest -q tests/test_moe.py
 """
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -479,3 +480,96 @@ def test_compile_fullgraph_matches_eager(dtype, dispatch):
     for a, b in zip([y_c, aux_c["router_loss"], *got], [y, aux["router_loss"], *expect]):
         assert a.dtype == b.dtype and (a - b).abs().max() <= tol * b.abs().max()
     torch._dynamo.reset()
+
+# ----------------------------------------------------------------------------
+# GPU tier (python -m pytest -m cuda tests/test_moe.py tests/test_routers.py)
+# ----------------------------------------------------------------------------
+# bfloat16 keeps 8 significant bits: a GEMM that accumulates in float32 rounds each output to
+# within 2^-9 of its value, and a layer chains about five such roundings (the two GEMMs, the
+# SwiGLU product, the weighting, the shared expert's sum). The bounds are relative to each
+# tensor's largest entry: 2^-7 for one GEMM, 3e-2 for the layer; a wrong row, weight or expert
+# is an error of order 1.
+
+def needs_gpu(test):
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.cuda(skip(test))
+
+
+def max_error(a, b):
+    """Largest |a - b| relative to the largest |b|, compared on the CPU in float32."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@needs_gpu
+def test_gpu_grouped_mm_matches_loop_in_bf16():
+    torch.manual_seed(0)
+    counts = [96, 0, 160, 32, 0, 64]  # two empty groups, then 48 rows past offs[-1] (ragged)
+    ends = np.cumsum(counts)
+    A = int(ends[-1]) + 48
+    a32, b32, g32 = torch.randn(A, 64), torch.randn(6, 64, 128), torch.randn(A, 128)
+    a = a32.cuda().bfloat16().requires_grad_()
+    b = b32.cuda().bfloat16().requires_grad_()
+    # Leave NaN in the blocks the caching allocator hands out next, as freed activations do
+    # (pytorch/pytorch#193633): the kernel's unwritten rows and groups must not show it.
+    poison = [torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+              for shape in [(A, 128), (A, 64), (6, 64, 128)] for _ in range(4)]
+    del poison
+    out = grouped_mm(a, b, torch.tensor(ends, dtype=torch.int32, device="cuda"), True)
+    ga, gb = torch.autograd.grad((out.float() * g32.cuda()).sum(), (a, b))
+    # the reference: a loop of float32 matmuls on the same bf16-rounded inputs
+    ar, br = a.detach().float().cpu().requires_grad_(), b.detach().float().cpu().requires_grad_()
+    ref = torch.cat([ar[t - c:t] @ br[e] for e, (c, t) in enumerate(zip(counts, ends))])
+    ra, rb = torch.autograd.grad((ref * g32[:ends[-1]]).sum(), (ar, br))
+    assert max_error(out[:ends[-1]], ref) <= 2 ** -7
+    assert max_error(ga, ra) <= 2 ** -7 and max_error(gb, rb) <= 2 ** -7
+    assert not out[ends[-1]:].any() and not ga[ends[-1]:].any()  # exact zeros, no NaN
+    assert not gb[[1, 4]].any()  # empty groups: exactly zero (pytorch/pytorch#172439)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
+def test_gpu_layer_matches_reference_in_bf16(monkeypatch, dispatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 routing as on CPU
+    m, x = make_moe(empty=True, dispatch=dispatch)
+    y_ref, balance_ref = reference_moe(m, x)
+    g = torch.randn_like(y_ref)
+    expect = grads(m, x, y_ref, balance_ref, g)
+    m_gpu = copy.deepcopy(m).cuda()
+    x_gpu = x.detach().cuda().requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):  # as train.py trains on a GPU
+        y, aux = m_gpu(x_gpu)
+    got = grads(m_gpu, x_gpu, y.float(), aux["router_loss"], g.cuda())
+    assert y.dtype == torch.bfloat16 and max_error(y, y_ref) <= 3e-2
+    assert torch.equal(aux["counts"].cpu(), m(x)[1]["counts"])
+    for a, b in zip(got, expect):
+        assert max_error(a, b) <= 3e-2
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name in ["w_gate_up", "w_down"]:  # empty experts: exactly zero
+        assert not got[names.index(name)][[1, 3]].any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("router", ROUTERS)
+def test_gpu_layer_step_syncs_nothing(router):
+    # torch.cuda.set_sync_debug_mode("error") raises on any host sync, e.g. the grouped GEMM
+    # fallback's offs.cpu(), .item() or a pageable copy.
+    torch.manual_seed(0)
+    m = MoE(64, num_experts=4, top_k=2, router=router).cuda()
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    fast = torch.cuda.get_device_capability()[0] in (9, 10)  # the grouped GEMM's CUTLASS kernel
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            assert m.dispatch_for(x) == ("grouped" if fast else "padded")
+            y, aux = m(x)
+        (y.float().square().mean() + aux["router_loss"]).backward()
+    for training in (True, False):
+        m.train(training)
+        step()  # warm-up: library handles and allocator blocks
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -267,3 +267,46 @@ def test_race_threshold_stays_float32_under_a_bfloat16_cast():
         kth = logits.sort(descending=True).values[2 * 12 * 2 - 1].item()  # the smallest winner
         expect = kth if step == 0 else RACE_MOMENTUM * expect + (1 - RACE_MOMENTUM) * kth
     assert m.threshold.dtype == torch.float32 and m.threshold.item() == pytest.approx(expect, rel=1e-6)
+
+# ----------------------------------------------------------------------------
+# GPU tier (python -m pytest -m cuda tests/test_routers.py)
+# ----------------------------------------------------------------------------
+# As in test_moe.py: bf16 keeps 8 significant bits and a layer chains about five roundings of
+# 2^-9; 3e-2 of each tensor's largest entry, against errors of order 1 for a wrong pair.
+
+def needs_gpu(test):
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.cuda(skip(test))
+
+
+def max_error(a, b):
+    a, b = a.detach().float().cpu(), torch.as_tensor(b).detach().float().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@needs_gpu
+@pytest.mark.parametrize("router, dispatch", [("expert", "auto"), ("race", "grouped"), ("race", "padded")])
+def test_gpu_router_matches_reference_in_bf16(monkeypatch, router, dispatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 routing as on CPU
+    m, x = make(router, dispatch=dispatch)
+    m_gpu = copy.deepcopy(m).cuda()
+    x_gpu = x.detach().cuda().requires_grad_()
+    for training in (True, False):
+        if router == "race" and not training:
+            m.threshold.fill_(0.3)
+            m_gpu.threshold.fill_(0.3)
+        m.train(training)
+        m_gpu.train(training)
+        if router == "expert":
+            y_ref, _ = reference_expert_choice(m, x)
+            loss_ref = torch.zeros(())
+        else:
+            y_ref, loss_ref, _ = reference_race(m, x, training)
+        with torch.autocast("cuda", torch.bfloat16):
+            y, aux = m_gpu(x_gpu)
+        assert y.dtype == torch.bfloat16 and max_error(y, y_ref) <= 3e-2
+        assert aux["router_loss"].item() == pytest.approx(loss_ref.item(), rel=1e-4, abs=1e-8)  # float32
+        g = torch.randn(y_ref.shape)
+        for a, b in zip(grads(m_gpu, x_gpu, y.float(), aux["router_loss"], g.cuda()),
+                        grads(m, x, y_ref, loss_ref, g)):
+            assert max_error(a, b) <= 3e-2
