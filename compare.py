@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,15 +28,16 @@ from PIL import Image, ImageDraw
 from data import load_digits
 from diffusion import create_objective
 from evaluate import frechet_distance
-from model import count, load
+from checkpoint import load_model
+from model import count
 from moe import assignment_mask, combination_usage
 from sample import sample_images, write_grid
 
 RUNS = {  # name: train.py flags
     "dense": ["--model", "T/2", "--set", "mlp_ratio=15"],
-    "token choice": ["--model", "T/2-4E2A", "--router", "token"],
-    "expert choice": ["--model", "T/2-4E2A", "--router", "expert"],
-    "expert race": ["--model", "T/2-4E2A", "--router", "race", "--set", "layer_reg=0.1"],
+    "token choice": ["--model", "T/2-4E2A", "--set", "router=token"],
+    "expert choice": ["--model", "T/2-4E2A", "--set", "router=expert"],
+    "expert race": ["--model", "T/2-4E2A", "--set", "router=race", "--set", "layer_reg=0.1"],
 }
 COLORS = [(80, 80, 80), (31, 119, 180), (44, 160, 44), (214, 39, 40)]
 
@@ -95,10 +95,10 @@ def main():
         subprocess.run(cmd, check=True)
         log = [json.loads(line) for line in (results / "latest" / "log.jsonl").read_text().splitlines()]
         curves[name] = [(r["step"], r["loss"]) for r in log]
-        net = load(results / "latest" / "ema.pt")
+        net = load_model(results / "latest" / "ema.pt")
         labels = [i % 10 for i in range(args.samples)]
-        settings = SimpleNamespace(seed=0, cfg_scale=1.5, legacy_cfg=False, sampler=None, num_sampling_steps=250)
-        images = sample_images(net, create_objective(net.cfg.objective), settings, range(args.samples), labels)
+        images = sample_images(net, create_objective(net.cfg.objective), range(args.samples), labels, seed=0,
+                               cfg_scale=1.5, num_steps=250)
         pixels = images[..., 0].reshape(len(images), -1) / 127.5 - 128 / 127.5  # back to [-1, 1]
         stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (pixels, real)]
         summary[name] = dict(

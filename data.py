@@ -10,12 +10,14 @@ on the fly, or latent shards that --extract-latents writes once (the ImageNet pa
 
 setup_data() hands train.py a dataset of raw items and an `encode` that turns a batch of them
 into the model's x0 on the device, drawing flips and posterior samples from the seeded RNG.
+Unusable data (a missing shard, a corrupt image, malformed meta.json) raises DataError with a
+one-line message naming the file. The VAE needs diffusers (pip install -r requirements-vae.txt),
+imported only when a latent model is trained or sampled.
 
 Tests: python -m pytest -q tests/test_train.py
 """
 import bisect
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
+from launch import fail
+
 SHARD_SIZE = 10_000  # images per latent shard file
 VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE: the default of train.py and sample.py
 
 
-def fail(msg):
-    """Bad input: one line on stderr and exit status 1, no traceback."""
-    sys.exit(f"error: {msg}")
+class DataError(ValueError):
+    """Data that cannot be used; the message is one line naming the file."""
 
 
 def load_digits():
@@ -60,25 +63,45 @@ class ImageFolder(Dataset):
         self.files = [(f, i) for i, c in enumerate(self.classes) for f in sorted((Path(root) / c).iterdir())
                       if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
         if not self.files:
-            fail(f"{root} holds no images in class sub-folders (ImageNet layout: {root}/<class>/<image>.jpg)")
+            raise DataError(f"{root} holds no images in class sub-folders "
+                            f"(ImageNet layout: {root}/<class>/<image>.jpg)")
         self.size = size
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        # A file that cannot be decoded stops the run naming it, rather than being skipped: a
+        # skipped image would shift every later micro-batch and break exact resumption.
         from PIL import Image
-        img = center_crop(Image.open(self.files[i][0]).convert("RGB"), self.size)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1), self.files[i][1]
+        path, label = self.files[i]
+        try:
+            img = center_crop(Image.open(path).convert("RGB"), self.size)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {path} ({e}); replace or delete it, then --resume") from None
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
 
 
 class LatentShards(Dataset):
     """The shards of --extract-latents, memory-mapped. Item: (2, 2, C, h, w) = (posterior mean, std)
     x (image, its mirror image), scaled; flips and posterior samples are drawn at train time."""
     def __init__(self, root):
-        self.meta = json.loads((Path(root) / "meta.json").read_text())
-        files = sorted(Path(root).glob("shard-*.pt"))
-        self.shards = [torch.load(f, mmap=True, weights_only=True) for f in files]
+        root = Path(root)
+        try:
+            self.meta = json.loads((root / "meta.json").read_text())
+            absent = [k for k in ("latent_size", "channels", "classes") if k not in self.meta]
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            absent = [f"valid JSON ({type(e).__name__})"]
+        if absent:
+            raise DataError(f"{root / 'meta.json'} is not the metadata --extract-latents writes "
+                            f"(no {', '.join(absent)})")
+        # older sets list no shards: then whatever shard files are there
+        listed = self.meta.get("shards") or {f.name: None for f in sorted(root.glob("shard-*.pt"))}
+        missing = [name for name in listed if not (root / name).is_file()]
+        if missing or not listed:
+            raise DataError(f"{root}: {len(missing)} of the {len(listed)} latent shards listed in meta.json are not "
+                            f"here (e.g. {(missing or ['shard-*.pt'])[0]}); every node needs every shard")
+        self.shards = [load_shard(root / name, count) for name, count in listed.items()]
         self.ends = np.cumsum([len(s["label"]) for s in self.shards]).tolist()
 
     def __len__(self):
@@ -90,14 +113,31 @@ class LatentShards(Dataset):
         return torch.stack([s["mean"][j], s["std"][j]]), s["label"][j]
 
 
+def load_shard(path, count):
+    """One latent shard, memory-mapped, checked to hold what --extract-latents wrote."""
+    try:
+        shard = torch.load(path, mmap=True, weights_only=True)
+        if not {"mean", "std", "label"} <= set(shard):
+            raise ValueError(f"keys {sorted(shard)}")
+        if count is not None and len(shard["label"]) != count:
+            raise ValueError(f"{len(shard['label'])} images where meta.json lists {count}")
+    except Exception as e:  # not a zip of tensors, a pickle of other objects, other keys
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DataError(f"{path} is not a latent shard of --extract-latents ({why})") from None
+    return shard
+
+
 def load_vae(name, device):
     """The Stable Diffusion VAE (diffusers AutoencoderKL, hub name or local folder), frozen."""
-    from diffusers import AutoencoderKL  # imported only for latent models: a slow import
+    try:
+        from diffusers import AutoencoderKL  # only latent models need it, and it imports slowly
+    except ImportError:
+        raise DataError("the VAE of latent models needs diffusers: pip install -r requirements-vae.txt") from None
     try:
         return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
     except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
-        fail(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
-             f"{VAE}, or allow the download from the Hugging Face hub")
+        raise DataError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
+                        f"{VAE}, or allow the download from the Hugging Face hub") from None
 
 
 def latent_shape(vae, image_size):
@@ -110,7 +150,7 @@ def setup_data(args, device):
     the seeded RNG; shape holds the model overrides input_size, in_channels, num_classes, latent_space."""
     if args.latents_path:
         if not (Path(args.latents_path) / "meta.json").is_file():
-            fail(f"no latent shards in {args.latents_path} (write them with --extract-latents)")
+            raise DataError(f"no latent shards in {args.latents_path} (write them with --extract-latents)")
         data = LatentShards(args.latents_path)
         def encode(x):  # (N, 2, 2, C, h, w): the image or its flip, then z = mean + std * eps
             x, flip = x.float(), (torch.rand(len(x), device=x.device) < 0.5).long()
@@ -142,12 +182,16 @@ def extract_latents(args, rank, world, device):
         fail(f"{out} already holds latent shards; choose an empty folder")
     if world > 1:
         dist.barrier()  # every rank has looked before any rank writes
-    data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
+    try:
+        data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
+    except DataError as e:
+        fail(e)
     channels, size = latent_shape(vae, args.image_size)
     out.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(data, args.global_batch_size // world, sampler=range(rank, len(data), world),
                         num_workers=args.num_workers)
     s, parts, shard = vae.config.scaling_factor, [], 0
+    written = {}  # shard file name -> images, for meta.json
     for i, (x, y) in enumerate(tqdm(loader, desc="encoding", disable=rank != 0)):
         x = x.to(device).float() / 127.5 - 1
         post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist  # both orientations in one call
@@ -156,12 +200,17 @@ def extract_latents(args, rank, world, device):
         if sum(len(p[2]) for p in parts) >= SHARD_SIZE or i == len(loader) - 1:
             mean, std, label = (torch.cat(p) for p in zip(*parts))
             # plain writes: meta.json, written by rank 0 once every rank is done, marks the set complete
-            torch.save({"mean": mean, "std": std, "label": label}, out / f"shard-{rank:03d}-{shard:05d}.pt")
+            name = f"shard-{rank:03d}-{shard:05d}.pt"
+            torch.save({"mean": mean, "std": std, "label": label}, out / name)
+            written[name] = len(label)
             parts, shard = [], shard + 1
-    if world > 1:
-        dist.barrier()
+    everyone = [written]
+    if world > 1:  # every rank's shard list, for a meta.json that names them all
+        everyone = [None] * world
+        dist.all_gather_object(everyone, written)
     if rank == 0:  # written last: its presence means every shard is complete
+        shards = dict(sorted(kv for w in everyone for kv in w.items()))
         meta = dict(image_size=args.image_size, latent_size=size, channels=channels, classes=data.classes,
-                    vae=args.vae, count=len(data))
+                    vae=args.vae, count=len(data), shards=shards)
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         print(f"wrote latents of {len(data)} images and their flips to {out}")

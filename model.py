@@ -7,9 +7,9 @@ blocks conditioned on timestep + class, and a learned-sigma output head. Each
 block's MLP is the MoE layer of moe.py (routed SwiGLU experts + a shared one).
 
     python model.py            # table of every registered size: params, active params, GFLOPs
-    from model import create_model, load
+    from model import create_model
     net = create_model("S/2-8E2A")          # 256x256 ImageNet latents (32x32x4), 1000 classes
-    net = load("ema.pt", device="cuda")     # our checkpoints or the official DiT-MoE ones
+(checkpoint.py reads our checkpoints, the official DiT-MoE ones and DiT's into this network.)
 """
 import dataclasses
 import math
@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moe import EXPERT_RATIO, SHARED_RATIO, MoE
+from diffusion import OBJECTIVES
+from moe import ROUTERS, MoE
 
 
 # ----------------------------------------------------------------------------
@@ -59,6 +60,36 @@ class DiTConfig:
     @property
     def num_tokens(self):
         return (self.input_size // self.patch_size) ** 2
+
+    def check(self):
+        """The first field value that cannot build a network, as one line; None when all can."""
+        D, E = self.hidden_size, self.num_experts
+        rules = [
+            (self.depth >= 1, "depth must be >= 1"),
+            (self.num_heads >= 1 and D % self.num_heads == 0, "hidden_size must split into num_heads heads"),
+            (D >= 4 and D % 4 == 0, "hidden_size must be a multiple of 4 (the 2-D sin-cos position table)"),
+            (E >= 0, "num_experts must be >= 0 (0: dense DiT)"),
+            (not E or D % 8 == 0, "hidden_size of an MoE must be a multiple of 8 (grouped GEMM alignment)"),
+            (not E or 1 <= self.top_k <= E, "top_k must be between 1 and num_experts"),
+            (self.shared_hidden is None or self.shared_hidden >= 0, "shared_hidden must be >= 0 (0: none)"),
+            (E or self.mlp_ratio > 0, "mlp_ratio must be > 0"),
+            (self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.capacity_factor > 0, "capacity_factor must be > 0"),
+            (min(self.balance_alpha, self.similarity_beta, self.layer_reg) >= 0,
+             "balance_alpha, similarity_beta and layer_reg must be >= 0"),
+            (0 <= self.class_dropout_prob < 1, "class_dropout_prob must be in [0, 1)"),
+            (self.patch_size >= 1 and self.input_size % self.patch_size == 0 and self.input_size >= 1,
+             "input_size must be a positive multiple of patch_size"),
+            (self.in_channels >= 1 and self.num_classes >= 1, "in_channels and num_classes must be >= 1"),
+        ]
+        return next((f"model config: {msg} (got {self.short()})" for ok, msg in rules if not ok), None)
+
+    def short(self):
+        """The fields that differ from the defaults, as `name=value` pairs."""
+        default = DiTConfig()
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                         if getattr(self, f.name) != getattr(default, f.name)) or "defaults"
 
 
 # ----------------------------------------------------------------------------
@@ -98,7 +129,9 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        freq = timestep_embedding(t, self.freq_dim)         # (N, 256), in float32
+        # t itself never goes below float32 (rectified flow's t in [0, 1] would lose digits in
+        # bf16): its sin-cos code is computed in float32, then takes the MLP's dtype
+        freq = timestep_embedding(t, self.freq_dim)         # (N, 256)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 
@@ -166,16 +199,14 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c):
-        # x (N, T, D), c (N, D) -> x (N, T, D), router loss (scalar), assignments per expert (E,)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # each (N, D)
+        # x (N, T, D), c (N, D) -> x (N, T, D) and the MoE's aux (router_loss, load); dense: empty
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (N, D)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
-        if hasattr(self, "moe"):
-            h, aux = self.moe(h)
-            router_loss, counts = aux["router_loss"], aux["counts"]
-        else:
-            h, router_loss, counts = self.mlp(h), x.new_zeros(()), x.new_zeros(0)
-        return x + gate2.unsqueeze(1) * h, router_loss, counts
+        if not hasattr(self, "moe"):
+            return x + gate2.unsqueeze(1) * self.mlp(h), {}
+        h, aux = self.moe(h)
+        return x + gate2.unsqueeze(1) * h, aux
 
 
 class FinalLayer(nn.Module):
@@ -222,8 +253,9 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         # DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zeroed adaLN and output layers.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+        # The MoE layers initialised themselves as the official code does (moe.MoE.reset_parameters).
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and ".moe." not in name:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -236,8 +268,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if hasattr(block, "moe"):  # undo the Xavier above where the official init differs
-                block.moe.reset_parameters()
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -259,19 +289,24 @@ class DiT(nn.Module):
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
-        router_loss, loads, preds = x.new_zeros(()), [], []
+        router_loss = x.new_zeros((), dtype=torch.float32)
+        load = []
+        preds = []
         for l, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
-                x, b, counts = checkpoint(block, x, c, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, c, use_reentrant=False)
             else:
-                x, b, counts = block(x, c)                                      # (N, T, D)
-            router_loss, loads = router_loss + b, loads + [counts]
+                x, block_aux = block(x, c)                                      # (N, T, D)
+            if block_aux:
+                router_loss = router_loss + block_aux["router_loss"]
+                load.append(block_aux["counts"])                                 # (E,)
             if return_aux and hasattr(self, "layer_heads"):
                 preds.append(self.layer_heads[l](x))                            # (N, T, p*p*C)
         x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
         if not return_aux:
             return x
-        aux = {"router_loss": router_loss, "load": torch.stack(loads)}
+        aux = {"router_loss": router_loss,
+               "load": torch.stack(load) if load else x.new_zeros(len(self.blocks), 0)}  # (L, E)
         if preds:
             aux["layer_preds"] = self.unpatchify(torch.cat(preds)).unflatten(0, (len(preds), -1))
         return x, aux
@@ -322,120 +357,24 @@ def create_model(name, **overrides):
 
 
 def count(cfg):
-    """(total params, active params per token, GFLOPs per image) without allocating weights."""
+    """(total params, active params per token, GFLOPs per image), read off the modules of a network
+    built on the meta device (no memory). FLOPs as DiT counts them: one multiply-add is one FLOP,
+    every matmul. (The paper's Table 1 used thop, which misses the experts' F.linear calls.)"""
     with torch.device("meta"):
         net = DiT(cfg)
     total = sum(p.numel() for p in net.parameters())
-    # A token runs K of the E routed experts, each 3 matrices of D x H.
-    D, T, E, K = cfg.hidden_size, cfg.num_tokens, cfg.num_experts, cfg.top_k
-    H = EXPERT_RATIO * D
-    active = total - cfg.depth * (E - K) * 3 * D * H
-    # FLOPs counted like DiT (one multiply-add = one FLOP), every matmul included. (The paper's
-    # Table 1 used thop, which misses the experts' F.linear calls, hence its smaller numbers.)
-    shared = SHARED_RATIO * D if cfg.shared_hidden is None else cfg.shared_hidden
-    mlp = E * D + K * 3 * D * H + 3 * D * shared if E else 2 * D * int(cfg.mlp_ratio * D)
-    patch = cfg.patch_size ** 2 * (cfg.in_channels + cfg.out_channels) * D  # patch embedding + final linear
-    per_token = cfg.depth * (4 * D * D + 2 * T * D + mlp) + patch  # qkv + proj, attention, MLP
-    freq_dim = 256  # TimestepEmbedder's
-    per_image = cfg.depth * 6 * D * D + 2 * D * D + freq_dim * D + D * D  # adaLN and t-embedder MLPs
+    T, K, E = cfg.num_tokens, cfg.top_k, cfg.num_experts
+    experts = sum(m.w_gate_up.numel() + m.w_down.numel() for m in net.modules() if isinstance(m, MoE))
+    active = total - experts * (E - K) // max(E, 1)  # a token runs K of the E routed experts
+    per_image = 0  # the conditioning: adaLN and t-embedder MLPs run once per image
+    per_token = net.x_embedder.proj.weight.numel() + experts * K // max(E, 1)
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear) and ("adaLN" in name or "t_embedder" in name):
+            per_image += m.weight.numel()
+        elif isinstance(m, nn.Linear) and not name.startswith("layer_heads"):  # heads: training only
+            per_token += m.weight.numel()
+    per_token += cfg.depth * 2 * T * cfg.hidden_size  # attention: q k^T and att v
     return total, active, (T * per_token + per_image) / 1e9
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints: ours and the official DiT-MoE layout
-# ----------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line for the user."""
-
-
-def from_official(sd):
-    """Official DiT-MoE state_dict (per-expert nn.Linear) -> ours (stacked experts). Lossless."""
-    out = {}
-    for key, v in sd.items():
-        key = key.replace("attn.Wqkv.", "attn.qkv.").replace("attn.out_proj.", "attn.proj.")
-        key = key.replace("moe.gate.weight", "moe.router.weight")
-        m = re.match(r"(blocks\.\d+\.moe)\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight", key)
-        if m is None:
-            out[key] = v
-        elif m[2] == "shared_experts" and m[3] != "down":  # [gate; up] fused along the output dim
-            out[f"{m[1]}.shared.gate_up.weight"] = torch.cat(
-                [sd[key.replace(m[3] + "_proj", p + "_proj")] for p in ("gate", "up")])
-        elif m[2] == "shared_experts":
-            out[f"{m[1]}.shared.down.weight"] = v
-    # Routed experts: (H, D) Linear weights -> w_gate_up (E, D, 2H) and w_down (E, H, D).
-    for prefix in sorted({k.split(".experts.")[0] for k in sd if ".moe.experts." in k}):
-        E = sum(1 for k in sd if k.startswith(f"{prefix}.experts.") and k.endswith("gate_proj.weight"))
-        w = lambda e, name: sd[f"{prefix}.experts.{e}.{name}_proj.weight"]
-        out[f"{prefix}.w_gate_up"] = torch.stack([torch.cat([w(e, "gate"), w(e, "up")]).T for e in range(E)])
-        out[f"{prefix}.w_down"] = torch.stack([w(e, "down").T for e in range(E)])
-    return out
-
-
-def config_from_state_dict(sd, top_k=2):
-    """Architecture of an official (or DiT) state_dict, read off its key names and shapes."""
-    if "x_embedder.proj.weight" not in sd or "final_layer.linear.weight" not in sd:
-        raise CheckpointError("not a DiT / DiT-MoE checkpoint (no x_embedder.proj / final_layer keys)")
-    D, C, p, _ = sd["x_embedder.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    experts = sum(1 for k in sd if k.startswith("blocks.0.moe.experts.") and k.endswith("gate_proj.weight"))
-    shared = sd.get("blocks.0.moe.shared_experts.gate_proj.weight")  # None: dense DiT or no shared expert
-    qk_norm = "blocks.0.attn.Wqkv.weight" in sd
-    if qk_norm:  # the per-head LayerNorm reveals the head width
-        heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
-    else:        # the paper's sizes, else DiT's head width of 64
-        heads = {D_: h for name, (_, D_, h, _) in SIZES.items() if name != "T"}.get(D, max(D // 64, 1))
-    return DiTConfig(
-        depth=depth, hidden_size=D, num_heads=heads, patch_size=p, num_experts=experts,
-        top_k=top_k if experts else 0,
-        shared_hidden=None if shared is None or shared.shape[0] == SHARED_RATIO * D else shared.shape[0],
-        input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, in_channels=C,
-        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, qk_norm=qk_norm,
-        learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * C,
-        objective="rf" if qk_norm else "ddpm")  # the released XL/G are RF-trained, S/B DDPM
-
-
-def load_weights(net, sd, source, device):
-    """Fill a meta-device net from sd on device (one copy of the weights, in float32), with a
-    one-line error naming the offending keys and shapes."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        show = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
-        parts = [f"{what}: {show(ks)}" for what, ks in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if ks]
-        raise CheckpointError(f"{source} does not fit {net.cfg}: " + "; ".join(parts))
-    # official XL/G files are fp16; assign=True takes these tensors as the parameters
-    net.load_state_dict({k: v.to(device, torch.float32) for k, v in sd.items()}, assign=True)
-
-
-def load(path, device="cpu", top_k=2):
-    """Network in eval mode from our training checkpoint (its EMA), our ema.pt, or an official
-    DiT-MoE file ({"ema": sd}, {"model": sd} or a raw state_dict). top_k: official files only."""
-    try:  # mmap: a 33 GB G/2 file is paged in tensor by tensor, not read whole into memory
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
-    if "config" in ckpt:  # ours: plain dict with the config, EMA weights preferred
-        fields = {f.name for f in dataclasses.fields(DiTConfig)}
-        if not set(ckpt["config"]) <= fields:
-            raise CheckpointError(f"{path} has unknown config fields {sorted(set(ckpt['config']) - fields)}")
-        cfg, sd = DiTConfig(**ckpt["config"]), ckpt.get("ema") or ckpt["model"]
-    else:
-        sd = ckpt.get("ema") or ckpt.get("model") or ckpt
-        cfg = config_from_state_dict(sd, top_k)
-        sd = from_official(sd)
-    with torch.device("meta"):  # no random init of weights that are about to be replaced
-        net = DiT(cfg)
-    load_weights(net, sd, path, device)
-    return net.eval()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""model.py: sizes, official checkpoint layout, conversion, guidance, compile."""
+"""model.py: sizes, building blocks against hand computations, guidance, compile, init."""
 import math
 
 import pytest
@@ -6,48 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import model
-from model import DiTConfig, DiT, CheckpointError
-from official_layout import to_official
+from model import DiTConfig, DiT
 
 # A small official-style config: every code path of the big ones, in milliseconds.
 SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, num_experts=4, top_k=2,
              input_size=8, in_channels=4, num_classes=10)
-
-
-def official_state_dict(cfg, qk_norm=False, gen=None):
-    """An official DiT-MoE state_dict written out from its key names and shapes, random values."""
-    g = gen or torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
-    D, p, C, E = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.num_experts
-    T = (cfg.input_size // p) ** 2
-    sd = {"pos_embed": model.sincos_2d(D, cfg.input_size // p)[None],
-          "x_embedder.proj.weight": r(D, C, p, p), "x_embedder.proj.bias": r(D),
-          "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
-          "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
-          "y_embedder.embedding_table.weight": r(cfg.num_classes + 1, D),
-          "final_layer.adaLN_modulation.1.weight": r(2 * D, D), "final_layer.adaLN_modulation.1.bias": r(2 * D),
-          "final_layer.linear.weight": r(p * p * 2 * C, D), "final_layer.linear.bias": r(p * p * 2 * C)}
-    assert sd["pos_embed"].shape == (1, T, D)
-    for i in range(cfg.depth):
-        b = f"blocks.{i}."
-        if qk_norm:
-            sd |= {b + "attn.Wqkv.weight": r(3 * D, D), b + "attn.Wqkv.bias": r(3 * D),
-                   b + "attn.q_norm.weight": 1 + r(D // cfg.num_heads), b + "attn.q_norm.bias": r(D // cfg.num_heads),
-                   b + "attn.k_norm.weight": 1 + r(D // cfg.num_heads), b + "attn.k_norm.bias": r(D // cfg.num_heads),
-                   b + "attn.out_proj.weight": r(D, D), b + "attn.out_proj.bias": r(D)}
-        else:
-            sd |= {b + "attn.qkv.weight": r(3 * D, D), b + "attn.qkv.bias": r(3 * D),
-                   b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D)}
-        sd[b + "moe.gate.weight"] = r(E, D)
-        for e in range(E):
-            sd |= {f"{b}moe.experts.{e}.gate_proj.weight": r(4 * D, D),
-                   f"{b}moe.experts.{e}.up_proj.weight": r(4 * D, D),
-                   f"{b}moe.experts.{e}.down_proj.weight": r(D, 4 * D)}
-        sd |= {b + "moe.shared_experts.gate_proj.weight": r(2 * D, D),
-               b + "moe.shared_experts.up_proj.weight": r(2 * D, D),
-               b + "moe.shared_experts.down_proj.weight": r(D, 2 * D),
-               b + "adaLN_modulation.1.weight": r(6 * D, D), b + "adaLN_modulation.1.bias": r(6 * D)}
-    return sd
 
 
 def patchify(x, p):
@@ -56,11 +19,6 @@ def patchify(x, p):
     h = x.shape[-1] // p
     return torch.stack([x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(0, 2, 3, 1).flatten(1)
                         for i in range(h) for j in range(h)], dim=1)
-
-
-def swiglu(x, gate, up, down):
-    """The official MoeMLP written out: down_proj(silu(gate_proj(x)) * up_proj(x))."""
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 # ----------------------------------------------------------------------------
@@ -126,104 +84,6 @@ def test_adaln_zero_init_gives_zero_output():
     net = DiT(DiTConfig(**SMALL))
     out = net(torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10]))
     assert out.shape == (3, 8, 8, 8) and torch.count_nonzero(out) == 0
-
-
-# ----------------------------------------------------------------------------
-# Official checkpoints: conversion and loading
-# ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_official_layout_loads_and_round_trips(tmp_path, qk_norm):
-    # Without qk_norm the file does not tell the number of heads: 64-wide heads are assumed.
-    cfg = DiTConfig(**(SMALL | dict(num_heads=4 if qk_norm else 1)), qk_norm=qk_norm,
-                    objective="rf" if qk_norm else "ddpm")
-    sd = official_state_dict(cfg, qk_norm)
-    ours = model.from_official(sd)
-    net = DiT(cfg)
-    result = net.load_state_dict(ours, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    back = to_official(ours, qk_norm)
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-    again = model.from_official(to_official(net.state_dict(), qk_norm))
-    assert all(torch.equal(again[k], v) for k, v in net.state_dict().items())
-    # Every container the official loader accepts, with the architecture read off the file.
-    for i, wrap in enumerate([lambda s: {"ema": s}, lambda s: {"model": s}, lambda s: s]):
-        torch.save(wrap(sd), tmp_path / f"{i}.pt")
-        loaded = model.load(tmp_path / f"{i}.pt")
-        assert loaded.cfg == cfg and not loaded.training
-        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.items())
-
-
-def test_converted_moe_computes_the_official_function():
-    # The official SparseMoeBlock written out by hand from the official tensors: softmax router,
-    # top-2 raw probabilities as weights, SwiGLU experts, plus the shared expert.
-    cfg = DiTConfig(**SMALL)
-    sd = official_state_dict(cfg)
-    net = DiT(cfg)
-    net.load_state_dict(model.from_official(sd))
-    x = torch.randn(2, 16, 64)
-    b = "blocks.1.moe."
-    scores = (x.flatten(0, 1) @ sd[b + "gate.weight"].T).softmax(-1)
-    weight, idx = scores.topk(2, dim=-1)
-    expect = torch.zeros(32, 64)
-    for n, xn in enumerate(x.flatten(0, 1)):
-        for w, e in zip(weight[n], idx[n]):
-            e = int(e)
-            expect[n] += w * swiglu(xn, *(sd[f"{b}experts.{e}.{m}_proj.weight"] for m in ("gate", "up", "down")))
-    expect += swiglu(x.flatten(0, 1), *(sd[f"{b}shared_experts.{m}_proj.weight"] for m in ("gate", "up", "down")))
-    y, _ = net.blocks[1].moe(x)
-    torch.testing.assert_close(y.flatten(0, 1), expect, atol=1e-5, rtol=1e-4)
-
-
-def test_converted_qk_norm_attention_computes_the_official_function():
-    cfg = DiTConfig(**SMALL, qk_norm=True)
-    sd = official_state_dict(cfg, qk_norm=True)
-    net = DiT(cfg)
-    net.load_state_dict(model.from_official(sd))
-    x = torch.randn(2, 16, 64)
-    b, H, hd = "blocks.0.attn.", 4, 16
-    qkv = (x @ sd[b + "Wqkv.weight"].T + sd[b + "Wqkv.bias"]).view(2, 16, 3, H, hd)
-    ln = lambda t, n: F.layer_norm(t, (hd,), sd[b + n + ".weight"], sd[b + n + ".bias"], eps=1e-6)
-    q, k, v = ln(qkv[:, :, 0], "q_norm"), ln(qkv[:, :, 1], "k_norm"), qkv[:, :, 2]  # (N, T, H, hd)
-    att = torch.einsum("nthd,nshd->nhts", q, k).div(math.sqrt(hd)).softmax(-1)
-    out = torch.einsum("nhts,nshd->nthd", att, v).reshape(2, 16, 64)
-    expect = out @ sd[b + "out_proj.weight"].T + sd[b + "out_proj.bias"]
-    torch.testing.assert_close(net.blocks[0].attn(x), expect, atol=1e-5, rtol=1e-4)
-
-
-def test_load_our_checkpoint_prefers_ema(tmp_path):
-    cfg = DiTConfig(**SMALL)
-    a, b = DiT(cfg).state_dict(), official_state_dict(cfg, gen=torch.Generator().manual_seed(1))
-    torch.save({"config": vars(cfg), "model": a, "ema": model.from_official(b)}, tmp_path / "c.pt")
-    net = model.load(tmp_path / "c.pt")
-    assert torch.equal(net.blocks[0].moe.w_down, model.from_official(b)["blocks.0.moe.w_down"])
-
-
-def test_race_checkpoint_keeps_thresholds_and_heads(tmp_path):
-    cfg = DiTConfig(**SMALL, router="race", layer_reg=0.1)
-    sd = DiT(cfg).state_dict()
-    sd["blocks.1.moe.threshold"] = torch.tensor(0.25)  # what training left behind
-    torch.save({"config": vars(cfg), "ema": sd}, tmp_path / "race.pt")
-    net = model.load(tmp_path / "race.pt")
-    assert net.blocks[1].moe.threshold == 0.25 and net.blocks[0].moe.threshold.isnan()
-    assert torch.equal(net.layer_heads[1][1].weight, sd["layer_heads.1.1.weight"])
-
-
-def test_bad_checkpoints_say_what_is_wrong(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        model.load(tmp_path / "missing.pt")
-    (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        model.load(tmp_path / "text.pt")
-    torch.save({"ema": {"foo": torch.zeros(1)}}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a DiT"):
-        model.load(tmp_path / "foreign.pt")
-    cfg = DiTConfig(**SMALL)
-    sd = DiT(cfg).state_dict()
-    sd["blocks.0.moe.w_down"] = torch.zeros(4, 100, 64)
-    torch.save({"config": vars(cfg), "ema": sd}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match=r"shape mismatch: blocks.0.moe.w_down \(4, 100, 64\)"):
-        model.load(tmp_path / "bad.pt")
 
 
 # ----------------------------------------------------------------------------

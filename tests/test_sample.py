@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
 import sample
 from diffusion import create_objective
 from model import create_model
@@ -36,7 +36,8 @@ def tiny(seed=0, **overrides):
 
 
 def save_ours(net, path):
-    torch.save({"config": dataclasses.asdict(net.cfg), "ema": net.state_dict()}, path)
+    """An ema.pt as train.py writes it."""
+    checkpoint.save_ema(path, net.state_dict(), {"config": dataclasses.asdict(net.cfg), "step": 0, "args": {}})
     return str(path)
 
 
@@ -47,8 +48,9 @@ def same_images(a, b):
     return a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() <= 0.02
 
 
-def settings(**kw):
-    return SimpleNamespace(**(dict(seed=0, cfg_scale=4.0, legacy_cfg=False, sampler="ddpm", num_sampling_steps=4) | kw))
+def draw(net, obj, indices, labels, **kw):
+    """sample_images with the test's defaults: seed 0, guidance 4, DDPM 4 steps."""
+    return sample.sample_images(net, obj, indices, labels, **(dict(sampler="ddpm", num_steps=4) | kw))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +94,7 @@ def test_guidance_on_all_channels_and_legacy_three():
     with torch.no_grad():
         cond, uncond = net(z, t, y), net(z, t, torch.full_like(y, 10))  # two separate passes
         full = sample.guided_model(net, y, 3.0)(z, t)
-        legacy = sample.guided_model(net, y, 3.0, legacy_cfg=True)(z, t)
+        legacy = sample.guided_model(net, y, 3.0, guided_channels=3)(z, t)
     guided = uncond + 3.0 * (cond - uncond)
     tol = dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(full[:, :4], guided[:, :4], **tol)    # every latent channel guided
@@ -117,25 +119,25 @@ def test_noise_of_each_image_comes_from_its_own_seed():
 
 
 def test_images_are_deterministic_and_independent_of_the_batch():
-    net, obj, s = tiny(), create_objective("ddpm", 4), settings(seed=3)
+    net, obj = tiny(), create_objective("ddpm")
     labels = [0, 1, 2, 3, 4, 5]
-    whole = sample.sample_images(net, obj, s, list(range(6)), labels)
+    whole = draw(net, obj, list(range(6)), labels, seed=3)
     assert whole.shape == (6, 8, 8, 3) and whole.dtype == np.uint8
-    assert np.array_equal(whole, sample.sample_images(net, obj, s, list(range(6)), labels))
-    parts = np.concatenate([sample.sample_images(net, obj, s, [0, 1], labels[:2]),
-                            sample.sample_images(net, obj, s, [2, 3, 4, 5], labels[2:])])
-    alone = sample.sample_images(net, obj, s, [4], [4])
+    assert np.array_equal(whole, draw(net, obj, list(range(6)), labels, seed=3))
+    parts = np.concatenate([draw(net, obj, [0, 1], labels[:2], seed=3),
+                            draw(net, obj, [2, 3, 4, 5], labels[2:], seed=3)])
+    alone = draw(net, obj, [4], [4], seed=3)
     assert same_images(parts, whole) and same_images(alone[0], whole[4])
-    other = sample.sample_images(net, obj, settings(seed=4), list(range(6)), labels)
+    other = draw(net, obj, list(range(6)), labels, seed=4)
     assert np.abs(other.astype(int) - whole).mean() > 10  # a different seed is a different image
-    relabelled = sample.sample_images(net, obj, s, [4], [7])
+    relabelled = draw(net, obj, [4], [7], seed=3)
     assert np.abs(relabelled[0].astype(int) - whole[4]).mean() > 10  # and so is a different class
 
 
 def test_latents_are_decoded_by_the_vae_with_sd_scaling(vae_dir):
     from diffusers import AutoencoderKL
     net, vae, obj = tiny(in_channels=4, latent_space=True), AutoencoderKL.from_pretrained(vae_dir), create_objective("ddpm", 3)
-    got = sample.sample_images(net, obj, settings(cfg_scale=1.0, num_sampling_steps=3), [0], [2], vae)
+    got = draw(net, obj, [0], [2], cfg_scale=1.0, num_steps=3, vae=vae)
     # By hand: the latent of seed 0, class 2, decoded from latents / 0.18215 (SD's scale factor).
     g = torch.Generator().manual_seed(0)
     randn = lambda like: torch.randn(like.shape, generator=g)
@@ -151,10 +153,10 @@ def test_latents_are_decoded_by_the_vae_with_sd_scaling(vae_dir):
 
 def fid_argv(ckpt, folder, *extra):
     return ["--ckpt", ckpt, "--num-fid-samples", "5", "--batch-size", "2", "--num-sampling-steps", "4",
-            "--seed", "7", "--sample-dir", str(folder), *extra]
+            "--seed", "7", "--sample-dir", str(folder), "--device", "cpu", *extra]
 
 
-def test_fid_batch_equals_independent_sampling_resumes_and_reads_in_evaluate(tmp_path):
+def test_fid_batch_equals_independent_sampling_resumes_and_reads_in_evaluate(tmp_path, capsys):
     net = tiny()
     argv = fid_argv(save_ours(net, tmp_path / "ema.pt"), tmp_path / "s")
     sample.main(argv)
@@ -182,8 +184,9 @@ def test_fid_batch_equals_independent_sampling_resumes_and_reads_in_evaluate(tmp
     sample.main(argv)
     again = np.load(npz)["arr_0"]
     assert (again[:2] == 0).all() and np.array_equal(again[2:], arr[2:])
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit):
         sample.main(argv + ["--batch-size", "3"])  # other chunking, same folder: refused
+    assert "other settings" in capsys.readouterr().err
 
     if not os.path.exists(os.path.join(ROOT, "evaluate.py")):
         pytest.skip("evaluate.py does not exist yet: npz round trip not checked")
@@ -228,7 +231,7 @@ def test_official_checkpoint_samples_like_ours(tmp_path, vae_dir, qk_norm):
     save_ours(net, tmp_path / "ours.pt")
     grids = {}
     for name in ("official", "ours"):
-        sample.main(["--ckpt", str(tmp_path / f"{name}.pt"), "--vae", vae_dir, "--classes", "1", "7",
+        sample.main(["--ckpt", str(tmp_path / f"{name}.pt"), "--vae", vae_dir, "--device", "cpu", "--classes", "1", "7",
                      "--per-class", "1", "--num-sampling-steps", "3", "--out", str(tmp_path / f"{name}.png")])
         grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert grids["official"].shape == (66, 132, 3)  # 8x8 images shown 8x larger, 1 px frame, 1 x 2
@@ -251,8 +254,7 @@ def test_routing_counts_match_routing_by_hand(cfg_scale):
     stats = sample.RoutingStats(net, S)
     inputs = []  # every MoE call's input, in call order: step-major, then layer
     hooks = [b.moe.register_forward_pre_hook(lambda m, inp: inputs.append((m, inp[0]))) for b in net.blocks]
-    sample.sample_images(net, create_objective("ddpm", S), settings(cfg_scale=cfg_scale, num_sampling_steps=S),
-                         list(range(N)), labels, stats=stats)
+    draw(net, create_objective("ddpm"), list(range(N)), labels, cfg_scale=cfg_scale, num_steps=S, stats=stats)
     for h in hooks:
         h.remove()
     stats.finish("unused", rank=1, world=1)  # rank != 0 writes nothing
@@ -275,7 +277,7 @@ def test_routing_counts_match_routing_by_hand(cfg_scale):
 
 def test_routing_stats_cli_writes_counts_and_heatmaps(tmp_path):
     ckpt = save_ours(tiny(), tmp_path / "ema.pt")
-    sample.main(["--ckpt", ckpt, "--routing-stats", "--classes", "2", "5", "--per-class", "1",
+    sample.main(["--ckpt", ckpt, "--routing-stats", "--device", "cpu", "--classes", "2", "5", "--per-class", "1",
                  "--num-sampling-steps", "3", "--out", str(tmp_path / "g.png")])
     r = np.load(tmp_path / "g-routing.npz")
     assert r["by_class"].shape == (4, 10, 4) and r["by_position"].shape == (4, 16, 4) and r["by_step"].shape == (4, 3, 4)
@@ -288,33 +290,59 @@ def test_routing_stats_cli_writes_counts_and_heatmaps(tmp_path):
         assert img.width >= 4 * 4 * 12 and img.height > 200  # four layer panels of 4 experts, readable rows
 
 
-def test_heatmap_colours_follow_row_shares(tmp_path):
+def test_heatmap_colours_are_one_fixed_scale_of_the_share(tmp_path):
+    # An expert's share of a row times E: 0 red, 1 (even use) white, >= 2 dark blue, linear in
+    # between; the same scale in every figure, so a near-uniform heatmap looks near-white.
     counts = np.zeros((2, 3, 4))
-    counts[0, 0, 1] = 5            # all of a row on one expert: share 1, the darkest colour
-    counts[0, 1] = 7               # spread evenly: share 0.25 each
-    counts[1, :, 2] = 3            # layer 1: every row on expert 2; counts[0, 2] stays empty (grey)
-    sample.heatmap(counts, [0, 5], str(tmp_path / "h.png"), "test")
+    counts[0, 0, 1] = 5                 # all of a row on one expert: 4x the even share, clipped to blue
+    counts[0, 1] = 7                    # spread evenly: white
+    counts[1, 0] = [1, 1, 3, 3]         # shares x E: 0.5, 0.5, 1.5, 1.5
+    counts[1, 1] = [2, 2, 2, 0]         # 4/3 each, and one expert never chosen: red
+    rgb = sample.share_colours(counts).astype(float)
+    red, white, blue, grey = sample.RED, sample.WHITE, sample.BLUE, sample.GREY
+    assert (rgb[0, 0, 1] == blue).all() and (rgb[0, 0, 0] == red).all()
+    assert (rgb[0, 1] == white).all() and (rgb[0, 2] == grey).all() and (rgb[1, 2] == grey).all()
+    np.testing.assert_array_equal(rgb[1, 0, 0], np.round(red + (white - red) * 0.5))
+    np.testing.assert_array_equal(rgb[1, 0, 2], np.round(white + (blue - white) * 0.5))
+    np.testing.assert_array_equal(rgb[1, 1, 0], np.round(white + (blue - white) / 3))
+    assert (rgb[1, 1, 3] == red).all()
+    sample.heatmap(counts, [0, 5], str(tmp_path / "h.png"), "class")
     px = np.asarray(Image.open(tmp_path / "h.png").convert("RGB")).reshape(-1, 3)
-    n = lambda rgb: int((px == rgb).all(1).sum())
-    cell = n((8, 48, 107)) / 4    # 4 cells at share 1; text is grey only, never blue
-    mid = np.round(255 + (np.array([8, 48, 107]) - 255) * 0.25)  # share 0.25 of the range 0..1
-    assert cell > 0 and n(mid) == 4 * cell and n((200, 200, 200)) >= 4 * cell
+    assert (px == blue).all(1).any() and (px == red).all(1).any()  # the cells reach the figure
+
+
+def test_experts_per_token_plot_of_race_varies_with_the_step(tmp_path):
+    # Race-DiT Fig. 6: with the race router at inference the number of experts per token is not
+    # fixed; the npz holds it per layer and step (counts / routed tokens), the PNG plots it.
+    net = tiny(router="race")
+    for block in net.blocks:
+        block.moe.threshold.fill_(0.05)
+    stats = sample.RoutingStats(net, 3)
+    draw(net, create_objective("ddpm"), [0, 1], [3, 4], num_steps=3, stats=stats)
+    stats.finish(str(tmp_path / "r"), rank=0, world=1)
+    r = np.load(tmp_path / "r-routing.npz")
+    assert (r["tokens"] == 2 * 16).all()
+    np.testing.assert_allclose(r["experts_per_token"], r["by_step"].sum(-1) / 32)
+    assert r["experts_per_token"].std() > 0 and (r["experts_per_token"] <= 4).all()
+    assert Image.open(tmp_path / "r-routing-experts-per-token.png").size == (420, 260)
 
 
 # ----------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------
 
-def test_non_finite_samples_are_refused_and_nothing_is_saved(tmp_path):
+def test_non_finite_samples_are_refused_and_nothing_is_saved(tmp_path, capsys):
     net = tiny()
     with torch.no_grad():
         net.final_layer.linear.bias[0] = float("nan")
     ckpt = save_ours(net, tmp_path / "nan.pt")
-    with pytest.raises(SystemExit, match="non-finite"):
-        sample.main(["--ckpt", ckpt, "--classes", "0", "--per-class", "1", "--num-sampling-steps", "2",
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--device", "cpu", "--classes", "0", "--per-class", "1", "--num-sampling-steps", "2",
                      "--out", str(tmp_path / "g.png")])
-    with pytest.raises(SystemExit, match="non-finite"):
+    assert "non-finite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         sample.main(fid_argv(ckpt, tmp_path / "s"))
+    assert "non-finite" in capsys.readouterr().err
     assert not glob.glob(str(tmp_path / "g.*")) and not glob.glob(str(tmp_path / "s" / "*" / "chunk*"))
 
 
@@ -325,17 +353,18 @@ def test_non_finite_samples_are_refused_and_nothing_is_saved(tmp_path):
     (["--ckpt", "{rf}", "--sampler", "ddim"], "valid: euler"),
     (["--ckpt", "{dense}", "--routing-stats"], "needs an MoE model"),
     (["--ckpt", "{latent}", "--vae", "{tmp}/no-vae"], "cannot load the VAE"),
-    (["--ckpt", "{pixel}", "--batch-size", "0"], "must be positive"),
+    (["--ckpt", "{pixel}", "--batch-size", "0"], "argument --batch-size: 0 is not in [1, inf]"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, argv, message):
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     nets = {"pixel": {}, "rf": dict(objective="rf"), "dense": dict(num_experts=0, top_k=0),
             "latent": dict(in_channels=4, latent_space=True)}
     paths = {"tmp": tmp_path} | {k: save_ours(tiny(**kw), tmp_path / f"{k}.pt") for k, kw in nets.items()
                                  if "{" + k + "}" in argv[1]}
     with pytest.raises(SystemExit) as e:
-        sample.main([a.format(**paths) for a in argv])
-    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+        sample.main([a.format(**paths) for a in argv] + ["--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_cli_exits_nonzero_with_one_line(tmp_path):

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import train
+import checkpoint
 from diffusion import create_objective
 from model import create_model
 
@@ -26,10 +27,12 @@ QUICK = ["--max-steps", str(STEPS), "--global-batch-size", str(BATCH), "--log-ev
 
 
 def run(*args, nproc=1):
+    """train.py as a user runs it, on the CPU (the references here are CPU float32 computations;
+    on a GPU box the same tests must not pick the GPU and bf16)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share two cores
-    return subprocess.run([sys.executable, *launcher, "train.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *launcher, "train.py", "--device", "cpu", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def checked(*args, nproc=1):
@@ -38,8 +41,15 @@ def checked(*args, nproc=1):
     return r
 
 
-def checkpoint(results, step):
-    return torch.load(results / "latest" / "checkpoints" / f"{step:07d}.pt", weights_only=True)
+def saved(results, step):
+    """The checkpoint of a step as one dict: a file, or a sharded run's folder read whole."""
+    path = results / "latest" / "checkpoints" / f"{step:07d}"
+    if path.is_dir():
+        dcp_to_torch_save(path, path.with_suffix(".whole"))
+        path = path.with_suffix(".whole")
+    else:
+        path = path.with_suffix(".pt")
+    return torch.load(path, weights_only=True)
 
 
 def records(results):
@@ -87,7 +97,7 @@ def test_steps_equal_a_hand_written_loop(single):
         with torch.no_grad():
             for e, p in zip(ema.parameters(), net.parameters()):
                 e.mul_(EMA).add_(p, alpha=1 - EMA)
-    ckpt = checkpoint(single, STEPS)
+    ckpt = saved(single, STEPS)
     assert_close(ckpt["model"], net.state_dict(), atol=1e-6)
     assert_close(ckpt["ema"], ema.state_dict(), atol=1e-6)
     # three steps are enough for the adaLN-Zero gates to open and the experts to get gradients
@@ -104,7 +114,7 @@ def test_two_processes_equal_one(single, tmp_path, mode):
     # 2 processes x 1 micro-batch of 4 == 1 process x 2 micro-batches of 4: the same micro-batches,
     # the gradients averaged by all-reduce (DDP) or reduce-scatter (FSDP2) instead of accumulated.
     checked(*QUICK, "--results-dir", tmp_path, *(["--sharded"] if mode == "sharded" else []), nproc=2)
-    ours, ref = checkpoint(tmp_path, STEPS), checkpoint(single, STEPS)
+    ours, ref = saved(tmp_path, STEPS), saved(single, STEPS)
     assert_close(ours["model"], ref["model"], atol=1e-6)
     assert_close(ours["ema"], ref["ema"], atol=1e-6)
     for k, state in ref["opt"]["state"].items():  # AdamW state keyed by name: loads in either mode
@@ -119,7 +129,7 @@ def test_resume_continues_exactly(single, tmp_path):
     checked(*QUICK, "--grad-accum", 2, "--results-dir", tmp_path, "--max-steps", 1)
     r = checked(*QUICK, "--grad-accum", 2, "--results-dir", tmp_path, "--resume", tmp_path / "latest")
     assert "steps 1 -> 3" in r.stdout
-    ours, ref = checkpoint(tmp_path, STEPS), checkpoint(single, STEPS)
+    ours, ref = saved(tmp_path, STEPS), saved(single, STEPS)
     for part in ("model", "ema"):
         assert_close(ours[part], ref[part], atol=0)
     for k, state in ref["opt"]["state"].items():
@@ -130,7 +140,7 @@ def test_resume_continues_exactly(single, tmp_path):
 
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -138,7 +148,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     old = torch.load(path, weights_only=True)
     assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
 
@@ -147,11 +157,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr 1e30 sends the output layer to +-1e30 in step 1: step 2's loss overflows
     r = run(*QUICK, "--lr", 1e30, "--ckpt-every", 1, "--results-dir", tmp_path)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("error: non-finite loss in steps 2-2")
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite loss (") and "in steps 2-2; nothing saved" in line, line
     assert "Traceback" not in r.stderr
     ckpts = sorted(p.name for p in (tmp_path / "latest" / "checkpoints").iterdir())
     assert ckpts == ["0000001.pt"]
-    good = checkpoint(tmp_path, 1)
+    good = saved(tmp_path, 1)
     assert all(v.isfinite().all() for v in good["model"].values())
 
 
@@ -168,7 +179,7 @@ def test_set_overrides_reach_the_config_and_the_objective(tmp_path):
     # --set objective=rf must train rectified flow (its loss term "rf"), not just label the checkpoint
     checked(*QUICK, "--set", "objective=rf", "--set", "shared_hidden=none", "--set", "top_k=1",
             "--results-dir", tmp_path)
-    cfg = checkpoint(tmp_path, STEPS)["config"]
+    cfg = saved(tmp_path, STEPS)["config"]
     assert (cfg["objective"], cfg["shared_hidden"], cfg["top_k"]) == ("rf", None, 1)
     assert "rf" in records(tmp_path)[-1] and "vb" not in records(tmp_path)[-1]
 
@@ -216,10 +227,10 @@ def test_race_router_trains_with_layer_reg_on_two_processes(tmp_path):
     # Race-DiT: per-layer regularisation is logged, the inference thresholds are averaged over
     # ranks, reach the EMA (buffers are copied, not averaged) and are finite; race's training
     # routing does not use them, so the weights still equal one process with 2 micro-batches.
-    race = ["--router", "race", "--set", "layer_reg=0.1"]
+    race = ["--set", "router=race", "--set", "layer_reg=0.1"]
     checked(*QUICK, *race, "--results-dir", tmp_path / "two", nproc=2)
     checked(*QUICK, *race, "--grad-accum", 2, "--results-dir", tmp_path / "one")
-    two, one = checkpoint(tmp_path / "two", STEPS), checkpoint(tmp_path / "one", STEPS)
+    two, one = saved(tmp_path / "two", STEPS), saved(tmp_path / "one", STEPS)
     assert two["config"]["router"] == "race" and two["config"]["layer_reg"] == 0.1
     thresholds = {k: v for k, v in two["model"].items() if k.endswith("threshold")}
     assert len(thresholds) == 4 and all(torch.isfinite(v) for v in thresholds.values())
