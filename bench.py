@@ -4,11 +4,14 @@ Speed of the pieces that matter, measured in one run so the ratios hold on a noi
     python bench.py                 # full table on this machine (CPU: ~10 minutes)
     python bench.py --quick         # small shapes, seconds (what the test runs)
     python bench.py --json out.json
+    python bench.py --only moe      # one section: moe, model (training step, sampling), frechet
 
 1. MoE layer forward+backward at S/2-8E2A shapes (8 images x 256 tokens, D = 384, E = 8,
    K = 2, shared expert) against a dense SwiGLU of the same active FLOPs (hidden K*4D + 2D:
    the physical limit of a dropless MoE, 1.00x) and against a per-expert loop with boolean
-   masks (the official implementation's approach), float32 and bfloat16, eager and compiled.
+   masks (the official implementation's approach), float32 and bfloat16, eager and compiled;
+   and the padded dispatch (moe.py: what GPUs without a fast grouped GEMM run) against the
+   grouped one, with its FLOPs relative to the grouped dispatch's.
 2. A full training step (forward, backward, AdamW), eager and compiled, set up as train.py sets
    it up: images/s and achieved GFLOP/s as a share of this machine's large-matmul throughput.
 3. Sampling: images/s of 250-step DDPM with classifier-free guidance.
@@ -16,8 +19,10 @@ Speed of the pieces that matter, measured in one run so the ratios hold on a noi
 Variants are interleaved round by round and each row reports the median over rounds.
 """
 import argparse
+import copy
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from diffusion import create_objective
 from model import count, create_model
 from moe import EXPERT_RATIO, SHARED_RATIO, MoE, SwiGLU
-from train import keep_freed_memory
+from launch import keep_freed_memory
 
 
 def sync(device):
@@ -82,6 +87,8 @@ def bench_moe_layer(args, device):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         moe = MoE(D, E, K).to(device, dtype)
+        padded = copy.deepcopy(moe)
+        padded.dispatch = "padded"
         dense = SwiGLU(D, (K * EXPERT_RATIO + SHARED_RATIO) * D).to(device, dtype)  # same active FLOPs per token
         x = torch.randn(N, T, D, device=device, dtype=dtype, requires_grad=True)
 
@@ -98,17 +105,26 @@ def bench_moe_layer(args, device):
         fresh = [torch.randn_like(x).requires_grad_() for _ in range(args.rounds + 1)]
         fns = {"moe": step(lambda x: moe(x)[0], moe), "dense": step(dense, dense),
                "loop": step(lambda x: loop_moe(moe, x), moe),
-               "moe, new routing": step(lambda x: moe(x)[0], moe, inputs=fresh.pop)}
+               "moe, new routing": step(lambda x: moe(x)[0], moe, inputs=fresh.pop),
+               "moe padded": step(lambda x: padded(x)[0], padded)}
         if args.compile:
+            padded_c = torch.compile(padded, fullgraph=True)
             fns["moe compiled"] = step(lambda x: moe_c(x)[0], moe)
             fns["dense compiled"] = step(dense_c, dense)
+            fns["moe padded compiled"] = step(lambda x: padded_c(x)[0], padded)
         t = interleaved(fns, args.rounds, device)
         name = str(dtype).removeprefix("torch.")
+        dispatch = moe.dispatch_for(x)  # what "moe" runs here
+        # padded: every expert on every token, E/K times the routed FLOPs, the shared expert as is
+        flops = (E * EXPERT_RATIO + SHARED_RATIO) / (K * EXPERT_RATIO + SHARED_RATIO)
         for variant, base in [("moe", "dense"), ("moe, new routing", "dense"), ("loop", "dense"),
-                              ("moe compiled", "dense compiled")]:
+                              ("moe compiled", "dense compiled"), ("moe padded", "moe"),
+                              ("moe padded compiled", "moe compiled")]:
             if variant in t:
-                rows.append([f"MoE layer {name}", variant, f"{t[variant] * 1e3:.1f} ms",
-                             f"{t[variant] / t[base]:.2f}x {base}"])
+                versus = f"{t[variant] / t[base]:.2f}x {base}"
+                if variant.startswith("moe padded"):
+                    versus += f" ({dispatch}), {flops:.2f}x its FLOPs"
+                rows.append([f"MoE layer {name}", variant, f"{t[variant] * 1e3:.1f} ms", versus])
     return rows
 
 
@@ -183,16 +199,45 @@ def bench_frechet(args):
             [f"Frechet d={d}", "scipy sqrtm", f"{t['sqrtm']:.2f} s", f"|difference| {gap:.1e}"]]
 
 
-def main():
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def available_device(name):
+    """torch.device(name) if this machine has it; else exit with one line."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # unknown name; not compiled in or not present
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: --device {name}: not available on this machine ({reason})")
+    return device
+
+
+SECTIONS = ("moe", "model", "frechet")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (seconds)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 10, quick 2)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="timed rounds per variant (default 10, quick 2)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--only", choices=SECTIONS, action="append", default=None,
+                   help="run only this section (repeatable; default: all)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 10)
-    device = torch.device(args.device)
+    sections = args.only or SECTIONS
+    device = available_device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -200,9 +245,12 @@ def main():
     peak = matmul_tflops(device, dtype, 512 if args.quick else 4096, args.rounds)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = [["matmul", f"{str(dtype).removeprefix('torch.')} large", f"{peak:.3f} TFLOP/s", name]]
-    rows += bench_moe_layer(args, device)
-    rows += bench_model(args, device, peak)
-    rows += bench_frechet(args)
+    if "moe" in sections:
+        rows += bench_moe_layer(args, device)
+    if "model" in sections:
+        rows += bench_model(args, device, peak)
+    if "frechet" in sections:
+        rows += bench_frechet(args)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -1,16 +1,48 @@
-"""bench.py --quick runs end to end and prints every section (no timing assertions)."""
+"""bench.py --quick runs end to end and prints every section (no timing assertions); bad
+arguments end in one line before any benchmark runs."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_bench_quick_runs(tmp_path):
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "bench.py", "--quick", "--no-compile", "--rounds", "1",
-                          "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True, text=True,
+                          "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     for row in ["matmul", "MoE layer float32", "MoE layer bfloat16", "train step T/2-4E2A",
-                "sampling T/2-4E2A", "Frechet d=256"]:
+                "sampling T/2-4E2A", "Frechet d=256", "moe padded"]:
         assert row in out.stdout
-    assert (tmp_path / "b.json").read_text().count("MoE layer") == 6  # moe, moe with new routing, loop; two dtypes
+    # moe, moe with new routing, loop, moe padded; two dtypes
+    assert (tmp_path / "b.json").read_text().count("MoE layer") == 8
+
+
+def test_bench_device_it_does_not_have():
+    # cuda:99 exists on no machine: one line, exit status 1, before any benchmark
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cuda:99"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: --device cuda:99: not available")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "banana"], "error: --device banana: not available"),
+    (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+    (["--rounds", "-3"], "argument --rounds: expected a positive integer, got '-3'"),
+    (["--rounds", "two"], "argument --rounds: expected a positive integer, got 'two'"),
+    (["--only", "everything"], "argument --only: invalid choice: 'everything'"),
+])
+def test_bench_bad_arguments(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(bench, "matmul_tflops", lambda *a: pytest.fail("benchmarked before the check"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick"] + argv)
+    if message.startswith("error:"):  # sys.exit("error: ..."): one line on stderr, status 1
+        assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code)
+    else:  # argparse: usage and one error line, status 2
+        assert e.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
