@@ -507,7 +507,10 @@ def main(args):
                     break
     except KeyboardInterrupt:
         bar.close()
-        fail(f"interrupted at step {step}; last good checkpoint: {last_good}")
+        fail(f"interrupted at step {step}; last good checkpoint: {last_good}", alone=True)
+    except DataError as e:  # a file this process could not read; from a loader worker, the message
+        bar.close()         # comes after the worker's traceback: keep its last line
+        fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], alone=True)
     bar.close()
     log(f"done at step {step}; EMA weights: {run_dir}/ema.pt")
 

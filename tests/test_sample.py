@@ -66,7 +66,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """A randomly initialised one-level AutoencoderKL in the diffusers folder format (no download)."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # requirements-vae.txt
     path = str(tmp_path_factory.mktemp("vae"))
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
@@ -135,7 +135,7 @@ def test_images_are_deterministic_and_independent_of_the_batch():
 
 
 def test_latents_are_decoded_by_the_vae_with_sd_scaling(vae_dir):
-    from diffusers import AutoencoderKL
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # requirements-vae.txt
     net, vae, obj = tiny(in_channels=4, latent_space=True), AutoencoderKL.from_pretrained(vae_dir), create_objective("ddpm", 3)
     got = draw(net, obj, [0], [2], cfg_scale=1.0, num_steps=3, vae=vae)
     # By hand: the latent of seed 0, class 2, decoded from latents / 0.18215 (SD's scale factor).

@@ -185,7 +185,7 @@ def test_set_overrides_reach_the_config_and_the_objective(tmp_path):
 
 
 def tiny_vae(path):
-    from diffusers import AutoencoderKL
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # requirements-vae.txt
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
