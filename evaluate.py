@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,41 +198,66 @@ def load_inception(path, device):
 # Metrics
 # ----------------------------------------------------------------------------
 
+def psd_factor(s):
+    """R with R R^T = s for a covariance s (n, n): its Cholesky factor (n, n) when s is
+    positive definite to working precision, else (n, r) from its eigenvectors and the r
+    eigenvalues above n eps max|eigenvalue|. Below that bound (numpy's matrix_rank rule)
+    eigenvalues are rounding noise of exact zeros, as in the covariance of fewer samples
+    than dimensions; kept, each would add about sqrt(eps) |S| to the distance."""
+    n = len(s)
+    tol = n * np.finfo(np.float64).eps
+    try:
+        root = np.linalg.cholesky(s)
+        # Cholesky also succeeds on some singular covariances, whose noise pivots then go
+        # through a square root: LAPACK's estimate of 1 / cond(s) rules them out
+        rcond, _ = scipy.linalg.lapack.dpocon(root, np.abs(s).sum(0).max(), uplo="L")
+        if rcond > tol:
+            return root
+    except np.linalg.LinAlgError:
+        pass
+    w, v = np.linalg.eigh(s)
+    floor = tol * np.abs(w).max()
+    if w.min() < -floor:
+        raise ValueError(f"a covariance has eigenvalue {w.min():.3g} < 0: sqrt(S1 S2) is complex")
+    keep = w > floor
+    return v[:, keep] * np.sqrt(w[keep])  # (n, r)
+
+
+def trace_sqrt_product(s1, s2):
+    """tr sqrt(S1 S2) for covariances S1, S2. With S1 = R1 R1^T and S2 = R2 R2^T, S1 S2 is
+    similar to K K^T, K = R1^T R2, so the trace is the sum of K's singular values."""
+    r1, r2 = psd_factor(s1), psd_factor(s2)
+    k = r1.T @ r2  # (r1, r2)
+    if k.shape == s1.shape:
+        # both positive definite: K is nonsingular and the eigenvalues of K K^T (symmetric,
+        # cheaper than an SVD) are its squared singular values, none of them noise
+        return np.sqrt(np.linalg.eigvalsh(k @ k.T).clip(min=0)).sum()
+    # a singular covariance can make K rank-deficient: an SVD gives its zero singular values
+    # as ~eps |K|, where the roots of K K^T's eigenvalues would give ~sqrt(eps) |K|
+    return np.linalg.svd(k, compute_uv=False).sum()
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """Fréchet distance between N(mu1, S1) and N(mu2, S2), the FID of Heusel et
-    al. 2017:  |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2).  S1 S2 is similar
-    to the symmetric PSD R^T S2 R for any S1 = R R^T (Cholesky, or the PSD root
-    when S1 is singular), so tr sqrt(S1 S2) is the sum of the roots of that
-    matrix's eigenvalues: symmetric eigenvalues in float64 instead of ADM's
-    scipy.linalg.sqrtm of the non-symmetric product."""
+    al. 2017:  |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2),  in float64. ADM
+    takes tr sqrt(S1 S2) from scipy.linalg.sqrtm of the non-symmetric product; we
+    take it from square-root factors of S1 and S2 (trace_sqrt_product): as fast as the
+    eigenvalues of one symmetric matrix, and exact-rank for singular covariances,
+    whose rounding-noise eigenvalues sqrtm puts through square roots (~1e-8 each)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2):
         raise ValueError(f"statistics of different sizes: {mu1.shape} {s1.shape} vs {mu2.shape} {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("statistics contain NaN or infinity")
-
-    def product_eigenvalues(a, b):  # of R^T b R with a = R R^T: similar to a b, and symmetric
-        try:  # a positive definite (the usual case): its Cholesky factor, far cheaper than eigh
-            root = np.linalg.cholesky(a)
-            m = root.T @ b @ root
-        except np.linalg.LinAlgError:  # singular a (fewer samples than dimensions): its PSD sqrt
-            w, v = np.linalg.eigh(a)
-            root = (v * np.sqrt(w.clip(min=0))) @ v.T  # clip: rounding pushes zero eigenvalues below 0
-            m = root @ b @ root
-        return np.linalg.eigvalsh(m)
-
     try:
-        lam = product_eigenvalues(s1, s2)
-    except np.linalg.LinAlgError:  # ADM's guard for a near-singular product: eps on both diagonals
+        tr_covmean = trace_sqrt_product(s1, s2)
+    except np.linalg.LinAlgError:  # ADM's guard for a product it cannot root: eps on both diagonals
         warnings.warn(f"Fréchet distance: singular product, adding {eps} to the diagonals")
-        lam = product_eigenvalues(s1 + eps * np.eye(len(s1)), s2 + eps * np.eye(len(s2)))
-    # ADM drops sqrtm's imaginary part unless it exceeds 1e-3; a negative
-    # eigenvalue -l here stands for the imaginary root i sqrt(l)
-    if lam.min() < 0 and np.sqrt(-lam.min()) > 1e-3:
-        raise ValueError(f"imaginary component {np.sqrt(-lam.min()):.3g} in sqrt(S1 S2): not covariances?")
+        offset = eps * np.eye(len(s1))
+        tr_covmean = trace_sqrt_product(s1 + offset, s2 + offset)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(lam.clip(min=0)).sum())
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def inception_score(probs, split_size=5000):
