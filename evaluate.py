@@ -272,17 +272,42 @@ def inception_score(probs, split_size=5000):
     return float(np.mean(scores))
 
 
+def tf_half_row_sums(x):
+    """Row sums of float16 x (R, D) in float16, as TF's reduce_sum adds float16 on a GPU:
+    there is no float32 accumulator, so every partial sum is rounded. Each of `threads`
+    lanes (32: TF's warp-per-row kernel for D < 1024; 256: CUB's block reduce, which
+    TF uses from D = 1024 and which reads D <= 4096 this way) adds the elements lane,
+    lane + threads, ... in turn; each warp of 32 lanes adds its lanes as a pairwise
+    tree (CUB's shuffle-down reduce); the warps' sums are added in turn."""
+    threads = 32 if x.shape[1] < 1024 else 256
+    pad = -x.shape[1] % threads  # zeros add exactly, like the lanes CUB leaves out
+    lanes = F.pad(x, (0, pad)).unflatten(1, (-1, threads))  # (R, D / threads, threads)
+    s = lanes[:, 0]
+    for column in lanes.unbind(1)[1:]:  # each thread's elements, in turn
+        s = s + column  # (R, threads)
+    s = s.unflatten(1, (-1, 32))  # (R, warps, 32)
+    while s.shape[2] > 1:  # neighbours, then pairs of pairs, ...
+        s = s[..., 0::2] + s[..., 1::2]
+    total = s[:, 0, 0]
+    for w in range(1, s.shape[1]):  # the warps, in turn
+        total = total + s[:, w, 0]
+    return total  # (R,)
+
+
 def squared_distances(a, b):
-    """(R, D), (S, D) -> (R, S): |a|^2 - 2 a.b + |b|^2. ADM computes these in
-    float16 (float32 where that overflows), which moves P and R by ~0.002 on
-    synthetic features; we round the same intermediates to float16."""
-    def f16(t):
-        return t.half().float()
-    a16, b16 = f16(a), f16(b)
-    d = f16(f16(f16(a16.square().sum(1))[:, None] - 2 * f16(a16 @ b16.T)) + f16(b16.square().sum(1))[None])
+    """(R, D), (S, D) float32 -> (R, S) float32: |a|^2 - 2 a.b + |b|^2, rounded where ADM's
+    evaluator (TF on a GPU) rounds: the features are cast to float16; each square is
+    rounded to float16 and summed in float16 (tf_half_row_sums); a.b is accumulated in
+    float32 and rounded to float16 once (cuBLAS); 2 a.b, the difference and the sum are
+    each rounded to float16; negatives become 0 (also -inf, where only 2 a.b overflows).
+    A block holding inf or NaN is recomputed in float32, as ADM recomputes it."""
+    a16, b16 = a.half(), b.half()
+    dot = (a16.float() @ b16.float().T).half()  # (R, S)
+    d = tf_half_row_sums(a16 * a16)[:, None] - 2 * dot + tf_half_row_sums(b16 * b16)[None]
+    d = d.float().clamp_(min=0)
     if not torch.isfinite(d).all():
-        d = a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]
-    return d.clamp_(min=0)
+        d = (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_(min=0)
+    return d
 
 
 def manifold_radii(feats, k, block_size):
@@ -299,11 +324,13 @@ def manifold_radii(feats, k, block_size):
     return torch.cat(radii)
 
 
-def precision_recall(ref_feats, sample_feats, k=3, block_size=5000, device="cpu"):
+def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, device="cpu"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) as in ADM: every
     point has a ball reaching its k-th nearest neighbour in its own set;
     precision = fraction of samples inside some reference ball, recall = fraction
-    of reference points inside some sample ball. Returns (precision, recall)."""
+    of reference points inside some sample ball. Returns (precision, recall).
+    Distances come in blocks of block_size^2, ADM's 10000 by default, so that the
+    float32 fallback of squared_distances is decided over the same blocks."""
     ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
     if min(len(ref), len(smp)) <= k:
         raise ValueError(f"precision/recall with k = {k} need more than {k} points in each set")

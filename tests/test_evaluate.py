@@ -285,14 +285,58 @@ def test_inception_score_matches_scipy_kl():
 # Precision and recall
 # ----------------------------------------------------------------------------
 
-def brute_force_pr(ref, smp, k):
-    """k-NN manifolds from full distance tables (float64): radius = k-th
+def exact_distances(a, b):
+    return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)  # (N_a, N_b)
+
+
+def brute_force_pr(ref, smp, k, dist=exact_distances):
+    """k-NN manifolds from full distance tables (float64 by default): radius = k-th
     smallest distance in the point's own set after itself."""
-    def sq(a, b):
-        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
-    ref_r, smp_r = np.sort(sq(ref, ref), 1)[:, k], np.sort(sq(smp, smp), 1)[:, k]
-    d = sq(ref, smp)  # (N_r, N_s)
+    ref_r, smp_r = np.sort(dist(ref, ref), 1)[:, k], np.sort(dist(smp, smp), 1)[:, k]
+    d = dist(ref, smp)  # (N_r, N_s)
     return (d <= ref_r[:, None]).any(0).mean(), (d <= smp_r[None]).any(1).mean()
+
+
+def adm_distances(a, b):
+    """ADM's float16 distance block restated with numpy float16, one rounding per
+    operation, in TF's GPU order: each square rounded; each row's squares added by
+    32 lanes (D < 1024) or 256 threads, each in turn over the elements lane, lane +
+    lanes, ...; then pairwise within each warp of 32 and the warps in turn. a.b exact
+    (for the features below float32 accumulates it exactly) and rounded once; 2 a.b,
+    the difference and the sum each rounded; max with 0."""
+    def norm(row):
+        squares = [x * x for x in row]  # np.float16 products
+        lanes = 32 if len(row) < 1024 else 256
+        sums = []
+        for lane in range(lanes):
+            total = np.float16(0)
+            for x in squares[lane::lanes]:
+                total = total + x
+            sums.append(total)
+        warps = []
+        for w in range(0, lanes, 32):
+            tree = sums[w:w + 32]
+            while len(tree) > 1:
+                tree = [tree[i] + tree[i + 1] for i in range(0, len(tree), 2)]
+            warps.append(tree[0])
+        total = warps[0]
+        for w in warps[1:]:
+            total = total + w
+        return total
+
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):  # ADM's overflows: inf, -inf
+        dot = (a16.astype(np.float64) @ b16.astype(np.float64).T).astype(np.float16)
+        d = np.array([norm(r) for r in a16])[:, None] - np.float16(2) * dot
+        d = d + np.array([norm(r) for r in b16])[None]
+    return np.maximum(d, np.float16(0)).astype(np.float32)
+
+
+def clustered_features(rng, n, d, centre):
+    """n points near `centre` on the grid k / 32, k = 0..63 (non-negative like pool3):
+    distances are small against norms, so float16 rounding moves them, while every
+    product and every partial dot product stays exact in float32 (23 bits suffice)."""
+    return (np.clip(centre + rng.integers(-6, 7, (n, d)), 0, 63) / 32).astype(np.float32)
 
 
 def test_precision_recall_brute_force():
@@ -307,6 +351,49 @@ def test_precision_recall_brute_force():
     assert ev.precision_recall(ref, smp, k=3, block_size=7) == pytest.approx(expected, abs=1e-7)
     # distances beyond float16's range fall back to float32, as in ADM
     assert ev.precision_recall(64 * ref, 64 * smp, k=3, block_size=7) == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("d", [6, 64, 1000, 1500, 2048])
+def test_squared_distances_round_like_adm(d):
+    """Equal to the float16 restatement, bit for bit, on both of TF's summation layouts
+    (32 lanes below D = 1024, 256 threads from there; padded lanes at 6, 1000 and 1500),
+    where plain float32 sums rounded once differ (so the test can fail)."""
+    rng = np.random.default_rng(d)
+    centre = rng.integers(0, 64, d)
+    a, b = clustered_features(rng, 9, d, centre), clustered_features(rng, 11, d, centre)
+    got = ev.squared_distances(torch.from_numpy(a), torch.from_numpy(b))
+    want = torch.from_numpy(adm_distances(a, b))
+    assert torch.equal(got, want)
+    # the same features with each sum rounded only once: many distances differ
+    a16, b16 = torch.from_numpy(a).half().double(), torch.from_numpy(b).half().double()
+    norms_a, norms_b = (a16 ** 2).sum(1).half(), (b16 ** 2).sum(1).half()
+    once = (norms_a[:, None] - 2 * (a16 @ b16.T).half() + norms_b[None]).float().clamp(min=0)
+    assert (once != want).float().mean() > 0.2
+
+
+def test_squared_distances_overflow_like_adm():
+    # |u|^2 = 40000 and |v|^2 = 38100 fit float16 but 2 u.v = 78000 does not: ADM's
+    # difference becomes -inf, then 0, with no fallback (nothing non-finite is left);
+    # the true distance is 100
+    u = np.array([[100, 100, 100, 100, 0, 0], [1, 2, 3, 4, 5, 6]], np.float32)
+    v = np.array([[100, 100, 100, 90, 0, 0], [2, 2, 3, 4, 5, 7]], np.float32)
+    got = ev.squared_distances(torch.from_numpy(u), torch.from_numpy(v))
+    assert got[0, 0] == 0 and torch.equal(got, torch.from_numpy(adm_distances(u, v)))
+    # a squared norm beyond float16 (3 * 150^2 = 67500): the block is recomputed in float32
+    uw = np.concatenate([u, [[150, 150, 150, 0, 0, 0]]]).astype(np.float32)
+    got = ev.squared_distances(torch.from_numpy(uw), torch.from_numpy(v))
+    assert torch.allclose(got.double(), torch.from_numpy(exact_distances(uw, v)), rtol=1e-6)
+
+
+def test_precision_recall_round_like_adm():
+    # Inception-like width, points clustered so that float16 rounding decides some balls:
+    # P/R equal those of the float16 restatement and differ from plain float64 ones
+    rng = np.random.default_rng(0)
+    centre = rng.integers(0, 64, 2048)
+    ref, smp = clustered_features(rng, 40, 2048, centre), clustered_features(rng, 50, 2048, centre)
+    got = ev.precision_recall(ref, smp, k=3, block_size=17)  # blocks: no overflow, so no effect
+    assert got == pytest.approx(brute_force_pr(ref, smp, 3, dist=adm_distances), abs=1e-7)
+    assert got != pytest.approx(brute_force_pr(ref, smp, 3), abs=0.01)
 
 
 def test_precision_recall_identical_and_disjoint():
