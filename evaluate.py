@@ -414,21 +414,44 @@ def extract(model, images, batch_size, device, name):
                     "mu_s": spatial.mean(0), "sigma_s": np.cov(spatial, rowvar=False)}
 
 
+def open_output(path, flag, mode="wb"):
+    """open() for an output file; its OSError (a read-only place, under a regular file,
+    /proc, a directory, a full disk) becomes one line naming the flag and the path."""
+    try:
+        return open(path, mode)
+    except OSError as e:
+        raise ValueError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+
+
+def check_output(path, flag):
+    """Fail now, not after the slow part, if the output `path` cannot be written: open it
+    for appending (which keeps an existing file) and remove it again if this created it."""
+    existed = os.path.lexists(path)
+    open_output(path, flag, "ab").close()
+    if not existed:
+        os.remove(path)
+
+
 def evaluate(ref_path, sample_path, inception, batch_size, device, cache_ref=None, k=3):
     """The five metrics of SAMPLE against REF (or against REF's cached features).
-    Every input is checked before the slow part starts."""
+    Every input, and the cache to be written, is checked before the slow part starts."""
     sample = load_npz(sample_path)
     cached = cache_ref is not None and os.path.exists(cache_ref)
     if cached:
-        print(f"reading the reference's features from {cache_ref}, not {ref_path}", file=sys.stderr)
-        with np.load(cache_ref) as npz:
-            ref = {key: npz[key] for key in npz.files}
+        try:
+            with np.load(cache_ref) as npz:
+                ref = {key: npz[key] for key in npz.files}
+        except (ValueError, EOFError, zipfile.BadZipFile):  # not an npz, or a truncated one
+            ref = {}
         if not {"pool", "image_size", *STAT_KEYS} <= ref.keys():
             raise ValueError(f"{cache_ref} is not a reference cache written by evaluate.py")
+        print(f"reading the reference's features from {cache_ref}, not {ref_path}", file=sys.stderr)
         ref_size, n_ref = tuple(ref["image_size"]), len(ref["pool"])
     else:
         ref_images = load_npz(ref_path)
         ref_size, n_ref = ref_images.shape[1:3], ref_images.shape[0]
+        if cache_ref:
+            check_output(cache_ref, "--cache-ref")
     if ref_size != sample.shape[1:3]:
         raise ValueError(f"reference images are {ref_size[0]}x{ref_size[1]} but samples are "
                          f"{sample.shape[1]}x{sample.shape[2]}")
@@ -439,8 +462,10 @@ def evaluate(ref_path, sample_path, inception, batch_size, device, cache_ref=Non
     model = load_inception(inception, device)
     if not cached:
         ref = extract(model, ref_images, batch_size, device, "reference")
-        if cache_ref:
-            np.savez(cache_ref, pool=ref["pool"], image_size=ref_size, **{key: ref[key] for key in STAT_KEYS})
+        if cache_ref:  # through a file object: np.savez would add .npz to a name without it
+            stats = {key: ref[key] for key in STAT_KEYS}
+            with open_output(cache_ref, "--cache-ref") as f:
+                np.savez(f, pool=ref["pool"], image_size=ref_size, **stats)
     smp = extract(model, sample, batch_size, device, "samples")
     precision, recall = precision_recall(ref["pool"], smp["pool"], k=k, device=device)
     return {"inception_score": inception_score(smp["probs"]),
@@ -451,6 +476,18 @@ def evaluate(ref_path, sample_path, inception, batch_size, device, cache_ref=Non
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+
+def check_device(name):
+    """torch.device(name), if this machine can allocate on it."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}, but torch sees no CUDA device") from None
+        raise ValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    return device
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,21 +502,22 @@ def main():
     parser.add_argument("--cache-ref", default=None,
                         help="npz of REF's features and statistics: written when absent, else read instead of REF")
     args = parser.parse_args()
-    if args.batch_size < 1:
-        sys.exit("error: --batch-size must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}, but torch sees no CUDA device")
     try:
-        metrics = evaluate(args.ref, args.sample, args.inception, args.batch_size, args.device, args.cache_ref)
+        # the arguments and the outputs are checked before the weights load
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        device = check_device(args.device)
+        if args.out:
+            check_output(args.out, "--out")
+        metrics = evaluate(args.ref, args.sample, args.inception, args.batch_size, device, args.cache_ref)
+        for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                           ("Precision", "precision"), ("Recall", "recall")):
+            print(f"{label}: {metrics[key]:.4f}")
+        if args.out:
+            with open_output(args.out, "--out", "w") as f:
+                json.dump(metrics | {"ref": args.ref, "sample": args.sample}, f, indent=2)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-
-    for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-                       ("Precision", "precision"), ("Recall", "recall")):
-        print(f"{label}: {metrics[key]:.4f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics | {"ref": args.ref, "sample": args.sample}, f, indent=2)
 
 
 if __name__ == "__main__":

