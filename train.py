@@ -321,11 +321,11 @@ def trim_log(run_dir, step):
         log.write_text("".join(line + "\n" for line in keep))
 
 
-def log_line(step, rec, layers):
-    """One line for the terminal: losses, the expert load range, speed."""
+def log_line(step, rec, num_experts):
+    """One line for the terminal: losses, the range of the experts' shares of their layer, speed."""
     shown = [f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "skipped"]
     if "load_min" in rec:
-        shown.append(f"expert load {min(rec['load_min']):.2f}-{max(rec['load_max']):.2f} of 1/{layers}")
+        shown.append(f"expert load {min(rec['load_min']):.2f}-{max(rec['load_max']):.2f} (even: {1 / num_experts:.2f})")
     return f"step {step}: " + ", ".join(shown)
 
 

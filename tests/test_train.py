@@ -1,65 +1,21 @@
-"""train.py: one step against a hand-written step, DDP and FSDP2 against one process, resume,
-atomic checkpoints, non-finite losses, the digits demo learning, latent shards, bad input.
+"""train.py: steps against a hand-written loop, DDP and FSDP2 against one process, resume, the
+digits demo learning, latent shards, the race router on two processes, --set, bad input.
+(Faults and recovery: tests/test_reliability.py.)
 
 Everything runs train.py as a user would (a subprocess, torchrun for 2 processes on CPU/gloo)
 with the tiny T/2-4E2A on the built-in digits."""
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import checkpoint
 from diffusion import create_objective
 from model import create_model
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS, BATCH, LR, EMA = 3, 8, 1e-3, 0.995  # LR and EMA: train.py's defaults
-QUICK = ["--max-steps", str(STEPS), "--global-batch-size", str(BATCH), "--log-every", "1"]
-
-
-def run(*args, nproc=1):
-    """train.py as a user runs it, on the CPU (the references here are CPU float32 computations;
-    on a GPU box the same tests must not pick the GPU and bf16)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share two cores
-    return subprocess.run([sys.executable, *launcher, "train.py", "--device", "cpu", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
-def checked(*args, nproc=1):
-    r = run(*args, nproc=nproc)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
-def saved(results, step):
-    """The checkpoint of a step as one dict: a file, or a sharded run's folder read whole."""
-    path = results / "latest" / "checkpoints" / f"{step:07d}"
-    if path.is_dir():
-        dcp_to_torch_save(path, path.with_suffix(".whole"))
-        path = path.with_suffix(".whole")
-    else:
-        path = path.with_suffix(".pt")
-    return torch.load(path, weights_only=True)
-
-
-def records(results):
-    return [json.loads(line) for line in (results / "latest" / "log.jsonl").read_text().splitlines()]
-
-
-def assert_close(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+from runs import BATCH, EMA, LR, QUICK, STEPS, assert_close, checked, records, run, saved
 
 
 @pytest.fixture(scope="module")
@@ -138,34 +94,6 @@ def test_resume_continues_exactly(single, tmp_path):
     assert [r["loss"] for r in records(tmp_path)] == [r["loss"] for r in records(single)]
 
 
-def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
-
-    def dies_halfway(obj, f):
-        f.write(b"PK\x03\x04 half a zip file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
-    old = torch.load(path, weights_only=True)
-    assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    # lr 1e30 sends the output layer to +-1e30 in step 1: step 2's loss overflows
-    r = run(*QUICK, "--lr", 1e30, "--ckpt-every", 1, "--results-dir", tmp_path)
-    assert r.returncode == 1
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: non-finite loss (") and "in steps 2-2; nothing saved" in line, line
-    assert "Traceback" not in r.stderr
-    ckpts = sorted(p.name for p in (tmp_path / "latest" / "checkpoints").iterdir())
-    assert ckpts == ["0000001.pt"]
-    good = saved(tmp_path, 1)
-    assert all(v.isfinite().all() for v in good["model"].values())
-
-
 def test_demo_data_loss_goes_down(tmp_path):
     checked("--max-steps", 60, "--global-batch-size", 32, "--log-every", 10, "--results-dir", tmp_path)
     log = records(tmp_path)
@@ -241,12 +169,7 @@ def test_race_router_trains_with_layer_reg_on_two_processes(tmp_path):
     assert rec["layer_reg"] > 0 and rec["maxvio"] >= 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "depth=x"], "error: --set depth=x: 'x' is not an int"),
-    (["--set", "colour=red"], "error: --set colour=red: unknown config field 'colour'"),
-    (["--set", "shared_hidden=abc"], "error: --set shared_hidden=abc: 'abc' is not an int"),
-    (["--data-path", "/no/such/folder"], "error: data path /no/such/folder is not a folder"),
-    (["--model", "Q/2-8E2A"], "error: unknown model 'Q/2-8E2A'"),
+@pytest.mark.parametrize("args, message", [  # the in-process checks: tests/test_bad_input.py
     (["--global-batch-size", 10, "--grad-accum", 4], "error: --global-batch-size 10 does not split"),
     (["--model", "S/2-8E2A", "--resume", "SINGLE"], "is a T/2-4E2A checkpoint that does not fit this run "
                                                     "(checkpoint vs this run: depth 4 vs 12, hidden_size 128 vs 384"),
