@@ -455,7 +455,7 @@ def test_backward_on_meta_has_no_host_sync(router, dispatch):
 # torch.compile
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
+@pytest.mark.parametrize("dispatch", ["auto", "padded"])  # auto: grouped on CPU, chosen while tracing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compile_fullgraph_matches_eager(dtype, dispatch):
     m, x = make_moe(seed=2, empty=True, dispatch=dispatch)
