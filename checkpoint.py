@@ -273,8 +273,9 @@ def weights_of(ckpt):
 
 
 def load_weights(net, sd, source, device, dtype=torch.float32):
-    """Fill a meta-device net from sd on device, parameters in dtype (buffers stay float32: the race
-    thresholds and the position table), with a one-line error naming the offending keys."""
+    """Fill a meta-device net from sd on device, parameters in dtype, with a one-line error naming
+    the offending keys. The routers (routing is decided in float32) and the buffers (the race
+    thresholds, the position table) stay float32."""
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -285,9 +286,9 @@ def load_weights(net, sd, source, device, dtype=torch.float32):
         parts = [f"{what}: {show(ks)}" for what, ks in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if ks]
         raise CheckpointError(f"{source} does not fit {net.cfg}: " + "; ".join(parts))
-    params = dict(net.named_parameters())
+    lowered = {k for k in dict(net.named_parameters()) if ".moe.router" not in k}
     # official XL/G files are fp16; assign=True takes these tensors as the parameters
-    net.load_state_dict({k: v.to(device, dtype if k in params else torch.float32) for k, v in sd.items()},
+    net.load_state_dict({k: v.to(device, dtype if k in lowered else torch.float32) for k, v in sd.items()},
                         assign=True)
 
 

@@ -43,7 +43,7 @@ class DiTConfig:
     balance_alpha: float = 0.05      # Eq. 5 alpha (paper value; the official code used 0.01)
     capacity_factor: float = 1.0     # expert choice: each expert takes ceil(f T K / E) tokens per image
     similarity_beta: float = 0.01    # race: weight of the router similarity loss (moe.py)
-    layer_reg: float = 0.0           # > 0: per-layer target heads (Race-DiT); the loss weight train.py uses
+    layer_reg: float = 0.0           # > 0: Race-DiT's per-layer regularisation (router MLP + target head), its weight
     input_size: int = 32             # latent height = width (256px images / VAE factor 8)
     in_channels: int = 4             # C
     num_classes: int = 1000
@@ -76,6 +76,7 @@ class DiTConfig:
             (self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.capacity_factor > 0, "capacity_factor must be > 0"),
+            (E or not self.layer_reg, "layer_reg (Race-DiT's per-layer regularisation) needs an MoE router"),
             (min(self.balance_alpha, self.similarity_beta, self.layer_reg) >= 0,
              "balance_alpha, similarity_beta and layer_reg must be >= 0"),
             (0 <= self.class_dropout_prob < 1, "class_dropout_prob must be in [0, 1)"),
@@ -191,9 +192,11 @@ class DiTBlock(nn.Module):
         self.attn = Attention(D, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         if cfg.num_experts:
+            plr = cfg.patch_size ** 2 * cfg.in_channels if cfg.layer_reg > 0 else 0  # the target's patch
             self.moe = MoE(D, cfg.num_experts, cfg.top_k, shared_hidden=cfg.shared_hidden,
                            router=cfg.router, balance_alpha=cfg.balance_alpha,
-                           capacity_factor=cfg.capacity_factor, similarity_beta=cfg.similarity_beta)
+                           capacity_factor=cfg.capacity_factor, similarity_beta=cfg.similarity_beta,
+                           target_dim=plr)
         else:
             self.mlp = Mlp(D, int(cfg.mlp_ratio * D))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -241,13 +244,6 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(D, cfg.input_size // p).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
-        if cfg.layer_reg > 0:
-            # Per-layer regularisation (Race-DiT): a head per block predicts the diffusion target from
-            # the block's output, so shallow blocks get a direct supervised gradient. Xavier init like
-            # every linear, not zero: a zero head would pass no gradient to the blocks until it grew.
-            self.layer_heads = nn.ModuleList(
-                nn.Sequential(nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
-                              nn.Linear(D, p * p * cfg.in_channels)) for _ in range(cfg.depth))
         self.grad_checkpointing = False  # recompute block activations in backward (large sizes)
         self.initialize_weights()
 
@@ -284,24 +280,24 @@ class DiT(nn.Module):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
         Returns (N, 2C, H, W); with return_aux also {"router_loss": summed router loss of all layers,
-        "load": (L, E) assignments per expert per layer}, and "layer_preds": (L, N, C, H, W), the
-        per-layer heads' predictions of the target, when cfg.layer_reg > 0.
+        "load": (L, E) assignments per expert per layer}, and "layer_preds": (L, N, C, H, W), each
+        layer's prediction of the diffusion target (Race-DiT's PLR), when cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
         router_loss = x.new_zeros((), dtype=torch.float32)
         load = []
         preds = []
-        for l, block in enumerate(self.blocks):
+        for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x, block_aux = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x, block_aux = block(x, c)                                      # (N, T, D)
             if block_aux:
                 router_loss = router_loss + block_aux["router_loss"]
-                load.append(block_aux["counts"])                                 # (E,)
-            if return_aux and hasattr(self, "layer_heads"):
-                preds.append(self.layer_heads[l](x))                            # (N, T, p*p*C)
+                load.append(block_aux["load"])                                  # (E,)
+            if "layer_pred" in block_aux:
+                preds.append(block_aux["layer_pred"])                           # (N, T, p*p*C)
         x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
         if not return_aux:
             return x
@@ -371,7 +367,7 @@ def count(cfg):
     for name, m in net.named_modules():
         if isinstance(m, nn.Linear) and ("adaLN" in name or "t_embedder" in name):
             per_image += m.weight.numel()
-        elif isinstance(m, nn.Linear) and not name.startswith("layer_heads"):  # heads: training only
+        elif isinstance(m, nn.Linear) and "target_head" not in name:  # PLR's head: training only
             per_token += m.weight.numel()
     per_token += cfg.depth * 2 * T * cfg.hidden_size  # attention: q k^T and att v
     return total, active, (T * per_token + per_image) / 1e9

@@ -4,7 +4,7 @@ expert, and three routers: token choice (DiT-MoE), expert choice (EC-DiT) and Ex
 (Race-DiT); also Race-DiT's balance measures.
 
     layer = MoE(dim=384, num_experts=8, top_k=2, router="race")
-    y, aux = layer(x)  # x, y: (N, T, D); aux["router_loss"], aux["counts"]
+    y, aux = layer(x)  # x, y: (N, T, D); aux["router_loss"], aux["load"]
 
 The dispatch has static shapes, compiles with torch.compile(fullgraph=True) and, as "auto"
 chooses it, never waits for the GPU: "grouped" (two grouped GEMMs over the assignments
@@ -32,11 +32,14 @@ RACE_MOMENTUM = 0.99  # EMA of the race threshold per training forward: ~100 bat
 
 class MoE(nn.Module):
     """forward(x) -> (y, aux): aux["router_loss"] (token: Eq. 5's balance loss, race: the
-    similarity loss, else 0) and aux["counts"], assignments per expert (E,)."""
+    similarity loss, else 0), aux["load"], assignments per expert (E,), and with target_dim > 0
+    aux["layer_pred"] (N, T, target_dim): Race-DiT's per-layer regularisation, where the router
+    is a two-layer MLP whose hidden layer feeds both the gating head and a head predicting the
+    diffusion target of each token's patch."""
 
     def __init__(self, dim, num_experts=8, top_k=2, hidden=None, shared_hidden=None,
                  router="token", balance_alpha=0.05, capacity_factor=1.0, similarity_beta=0.01,
-                 dispatch="auto"):
+                 dispatch="auto", target_dim=0):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
@@ -58,7 +61,9 @@ class MoE(nn.Module):
         self.similarity_beta = similarity_beta
         if router == "race":  # NaN: no batch seen yet, the first one sets it
             self.register_buffer("threshold", torch.tensor(float("nan")))
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = nn.Linear(dim, num_experts, bias=False)  # the gating head: E logits
+        self.router_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU()) if target_dim else None
+        self.target_head = nn.Linear(dim, target_dim) if target_dim else None
         # Expert e: gate weights w_gate_up[e, :, :H], up weights w_gate_up[e, :, H:].
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -68,6 +73,9 @@ class MoE(nn.Module):
     def reset_parameters(self):
         # As the official code: nn.Linear's default for the router, Xavier per expert projection.
         self.router.reset_parameters()
+        if self.target_head is not None:  # PLR: nn.Linear's defaults too, nothing is zero
+            self.router_mlp[0].reset_parameters()
+            self.target_head.reset_parameters()
         H, D = self.w_down.shape[1:]
         _uniform_(self.w_gate_up, D, H)
         _uniform_(self.w_down, H, D)
@@ -77,6 +85,9 @@ class MoE(nn.Module):
     def forward(self, x):
         N, T, D = x.shape
         token, expert, weight, aux = self.route(x)  # each (A,)
+        hidden = aux.pop("router_hidden")  # (N, T, D): what the gating head read
+        if self.target_head is not None:
+            aux["layer_pred"] = self.target_head(hidden)  # (N, T, p*p*C): PLR's target prediction
         if self.routing == "race" and self.training:
             # EMA of the smallest winning logit (twice per step if checkpointing recomputes)
             with torch.no_grad():
@@ -93,20 +104,27 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)  # Eq. 3 plus the shared expert
         ones = torch.ones(expert.shape, device=x.device)
-        counts = torch.zeros(self.num_experts + 1, device=x.device).index_add_(0, expert, ones)
-        aux["counts"] = counts[:-1]
+        load = torch.zeros(self.num_experts + 1, device=x.device).index_add_(0, expert, ones)
+        aux["load"] = load[:-1]  # race losers (id E) dropped
         return y.reshape(N, T, D), aux
 
     # Routers ----------------------------------------------------------------
 
     def route(self, x):
-        """Assignments (token, expert, weight), each (A,), and the router's losses; no side
-        effects. token indexes the N*T rows; expert E marks a race loser."""
+        """Assignments (token, expert, weight), each (A,), and aux: the router's losses and
+        "router_hidden", what the gating head read; no side effects. token indexes the N*T rows;
+        expert E marks a race loser."""
         with no_autocast(x.device.type):  # routing in float32, autocast or not
             dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays (tests)
-            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (N, T, E)
+            hidden = x.to(dtype)  # (N, T, D)
+            if self.router_mlp is not None:  # PLR: the router's hidden layer
+                hidden = self.router_mlp(hidden.to(self.router_mlp[0].weight.dtype)).to(dtype)
+            # the gating head called as a module (FSDP2 gathers its weights in its own hook), in
+            # its own dtype: float32 everywhere train.py and checkpoint.py set it up
+            logits = self.router(hidden.to(self.router.weight.dtype)).to(dtype)  # (N, T, E)
             rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
-            return rule[self.routing](logits)
+            token, expert, weight, aux = rule[self.routing](logits)
+        return token, expert, weight, aux | {"router_hidden": hidden}
 
     def route_token(self, logits):
         """Each token's top-k experts, weighted by their softmax probabilities. A = NT * K."""

@@ -141,19 +141,25 @@ def plan(cfg, local_batch, accum, world, node_size, gpu_gb, bf16, force_sharded,
 def shard(net, bf16, node_size, device):
     """FSDP2: each block is one all-gather unit, the root holds embedders and final layer. Sharded
     within a node; across nodes (HSDP) each node holds a replica, so the per-block all-gathers
-    stay on the node's fast links and only gradients cross nodes. Master weights stay fp32; with bf16
-    the gathered copies are bf16 and the gradients are reduced in fp32. Inputs are not cast: the
-    residual stream and t stay fp32 and autocast decides each op's dtype, as under DDP."""
+    stay on the node's fast links and only gradients cross nodes. The same numerics as DDP under
+    autocast: master weights fp32, gradients reduced in fp32, inputs not cast (the residual stream
+    and t stay fp32, autocast picks each op's dtype); with bf16 a block's weights are gathered in
+    bf16, rounded as autocast rounds them for its matmuls, while the routers (routing is decided
+    in fp32) and the root's embedders and final layer (not all cast by autocast) stay fp32."""
     world = dist.get_world_size()
     if world > node_size:
         mesh = init_device_mesh(device.type, (world // node_size, node_size), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    half = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
     for block in net.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(net, mesh=mesh, mp_policy=mp)
+        for router in ("router", "router_mlp") if hasattr(block, "moe") else ():
+            if getattr(block.moe, router) is not None:
+                fully_shard(getattr(block.moe, router), mesh=mesh, mp_policy=fp32)
+        fully_shard(block, mesh=mesh, mp_policy=half)
+    fully_shard(net, mesh=mesh, mp_policy=fp32)
     return mesh
 
 

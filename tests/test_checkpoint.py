@@ -94,7 +94,8 @@ def test_race_checkpoint_keeps_thresholds_and_heads(tmp_path):
     torch.save({"config": vars(cfg), "ema": sd}, tmp_path / "race.pt")
     net = checkpoint.load_model(tmp_path / "race.pt")
     assert net.blocks[1].moe.threshold == 0.25 and net.blocks[0].moe.threshold.isnan()
-    assert torch.equal(net.layer_heads[1][1].weight, sd["layer_heads.1.1.weight"])
+    assert torch.equal(net.blocks[1].moe.target_head.weight, sd["blocks.1.moe.target_head.weight"])
+    assert torch.equal(net.blocks[0].moe.router_mlp[0].bias, sd["blocks.0.moe.router_mlp.0.bias"])
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path):

@@ -141,29 +141,44 @@ def test_aux_outputs_and_gradient_checkpointing():
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_experts", [4, 0])
-def test_layer_heads_predict_the_target_from_each_block(num_experts):
-    net = random_net(layer_reg=0.1, num_experts=num_experts)
-    plain = DiT(DiTConfig(**(SMALL | dict(num_experts=num_experts))))
-    assert not any("layer_heads" in k for k in plain.state_dict())  # official layouts stay as they are
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("layer_heads.")})
-    hidden = []  # each block's output, captured by hooks
+@pytest.mark.parametrize("router", ["race", "token"])
+def test_per_layer_regularisation_is_the_papers_router_mlp(router):
+    # Race-DiT's PLR: the router is a two-layer MLP on the MoE input h: a = GELU(W1 h + b1); the
+    # gating head reads a (E logits) and so does a target head (the patch's p*p*C target values).
+    net = random_net(layer_reg=0.1, router=router)
+    if router == "race":
+        for block in net.blocks:
+            block.moe.threshold.fill_(0.0)
+    inputs = []  # each MoE layer's input h, captured by hooks
     for block in net.blocks:
-        block.register_forward_hook(lambda mod, args, out: hidden.append(out[0]))
+        block.moe.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
     out, aux = net(x, t, y, return_aux=True)
     preds = aux["layer_preds"]
     assert preds.shape == (2, 3, 4, 8, 8)  # (L, N, C, H, W): C, not the 2C of the output
-    for l, h in enumerate(hidden):
-        lin = net.layer_heads[l][1]
-        expect = F.layer_norm(h, (64,), eps=1e-6) @ lin.weight.T + lin.bias  # (N, T, p*p*C)
-        torch.testing.assert_close(patchify(preds[l], 2), expect, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out, plain.eval()(x, t, y), atol=1e-6, rtol=1e-6)  # the output is unchanged
-    assert "layer_preds" not in plain(x, t, y, return_aux=True)[1]
-    # Freshly initialised, the heads already pass gradient into the blocks (a zero head would not).
-    fresh = DiT(DiTConfig(**(SMALL | dict(num_experts=num_experts, layer_reg=0.1))))
+    for l, (block, h) in enumerate(zip(net.blocks, inputs)):
+        moe = block.moe
+        hidden = F.gelu(h @ moe.router_mlp[0].weight.T + moe.router_mlp[0].bias)  # (N, T, D)
+        logits = hidden @ moe.router.weight.T  # (N, T, E): both heads read the same hidden layer
+        target = hidden @ moe.target_head.weight.T + moe.target_head.bias  # (N, T, p*p*C)
+        torch.testing.assert_close(patchify(preds[l], 2), target, atol=1e-5, rtol=1e-5)
+        token, expert, weight, _ = moe.route(h)
+        if router == "token":
+            want = logits.reshape(-1, 4).softmax(-1).topk(2, dim=-1)
+            torch.testing.assert_close(weight, want.values.flatten(), atol=1e-6, rtol=1e-5)
+            assert torch.equal(expert, want.indices.flatten())
+        else:  # race at inference: the logits themselves are the gates of the pairs above 0
+            torch.testing.assert_close(weight, logits.flatten(), atol=1e-6, rtol=1e-5)
+    # without PLR the router is one Linear and the layout is the official one
+    plain = DiT(DiTConfig(**(SMALL | dict(router=router))))
+    keys = set(plain.state_dict())
+    assert not any("router_mlp" in k or "target_head" in k for k in keys)
+    assert keys < set(net.state_dict()) and "layer_preds" not in plain(x, t, y, return_aux=True)[1]
+    # freshly initialised, the target heads pass gradient into the blocks and the router MLP
+    fresh = DiT(DiTConfig(**(SMALL | dict(layer_reg=0.1, router=router))))
     fresh(x, t, y, return_aux=True)[1]["layer_preds"][0].square().mean().backward()
     assert fresh.blocks[0].adaLN_modulation[-1].weight.grad.abs().max() > 0
+    assert fresh.blocks[0].moe.router_mlp[0].weight.grad.abs().max() > 0
 
 
 def test_dense_size_has_dit_layout():

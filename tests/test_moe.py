@@ -163,7 +163,7 @@ def test_moe_is_exact_over_poisoned_kernel_memory(monkeypatch):
     m, x = make_moe(empty=True)
     y, aux = m(x)
     y_ref, balance_ref = reference_moe(m, x)
-    assert aux["counts"][1] == 0 and aux["counts"][3] == 0 and calls
+    assert aux["load"][1] == 0 and aux["load"][3] == 0 and calls
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(y)
     got = grads(m, x, y, aux["router_loss"], g)
@@ -194,7 +194,7 @@ def test_moe_matches_reference(empty, shared_hidden, dispatch):
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(aux["router_loss"], balance_ref, rtol=1e-6, atol=1e-8)
     if empty:
-        assert aux["counts"][1] == 0 and aux["counts"][3] == 0
+        assert aux["load"][1] == 0 and aux["load"][3] == 0
     g = torch.randn_like(y)
     names = ["x"] + [n for n, _ in m.named_parameters()]
     expected = {"x", "router.weight", "w_gate_up", "w_down"}
@@ -239,7 +239,7 @@ def test_balance_loss_hand_worked():
     # P = mean of p and q = [0.45, 0.2, 0.25, 0.1]; sum f P = 0.9 + 0.2 + 0.25 = 1.35.
     y, aux = m.train()(x[None])
     torch.testing.assert_close(aux["router_loss"], torch.tensor(0.05 * 1.35))
-    torch.testing.assert_close(aux["counts"], torch.tensor([2.0, 1.0, 1.0, 0.0]))
+    torch.testing.assert_close(aux["load"], torch.tensor([2.0, 1.0, 1.0, 0.0]))
     token, expert, weight, _ = m.route(x[None])
     pairs = sorted(zip(token.tolist(), expert.tolist(), weight.tolist()))
     expect = [(0, 0, 0.4), (0, 1, 0.3), (1, 0, 0.5), (1, 2, 0.3)]
@@ -262,9 +262,9 @@ def test_balance_loss_and_routing_against_numpy():
     top = np.argsort(-s, axis=1)[:, :3]
     counts = np.bincount(top.ravel(), minlength=8)
     f = 8 * counts / top.size
-    np.testing.assert_allclose(aux["counts"].numpy(), counts)
+    np.testing.assert_allclose(aux["load"].numpy(), counts)
     np.testing.assert_allclose(aux["router_loss"].item(), 0.01 * (f * s.mean(0)).sum(), rtol=1e-5)
-    assert aux["counts"].sum() == 2 * 12 * 3
+    assert aux["load"].sum() == 2 * 12 * 3
     # weights are the raw top-k probabilities, not renormalised to sum 1
     token, expert, weight, _ = m.route(x.detach())
     np.testing.assert_allclose(weight.detach().numpy(), s[token.numpy(), expert.numpy()], rtol=1e-5)
@@ -421,7 +421,7 @@ def test_forward_on_fake_cuda_has_no_host_sync(monkeypatch, router, gpu, capabil
                 y, aux = m(x)
             assert rec.events == [], rec.report()
             assert ("moe::grouped_mm" in rec.ops) == grouped, (gpu, precision)
-            assert y.device.type == "cuda" and aux["counts"].device.type == "cuda"
+            assert y.device.type == "cuda" and aux["load"].device.type == "cuda"
             assert y.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
             if router != "expert" and not grouped:
                 # What the old code ran everywhere: the grouped GEMM. Here PyTorch's
@@ -470,7 +470,7 @@ def test_compile_fullgraph_matches_eager(dtype, dispatch):
     # bfloat16: compiled code rounds at other places than eager, so compare with
     # an error bound relative to each tensor's scale
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(aux_c["counts"], aux["counts"])
+    torch.testing.assert_close(aux_c["load"], aux["load"])
     for a, b in zip([y_c, aux_c["router_loss"], *got], [y, aux["router_loss"], *expect]):
         assert a.dtype == b.dtype and (a - b).abs().max() <= tol * b.abs().max()
     torch._dynamo.reset()
@@ -535,7 +535,7 @@ def test_gpu_layer_matches_reference_in_bf16(monkeypatch, dispatch):
         y, aux = m_gpu(x_gpu)
     got = grads(m_gpu, x_gpu, y.float(), aux["router_loss"], g.cuda())
     assert y.dtype == torch.bfloat16 and max_error(y, y_ref) <= 3e-2
-    assert torch.equal(aux["counts"].cpu(), m(x)[1]["counts"])
+    assert torch.equal(aux["load"].cpu(), m(x)[1]["load"])
     for a, b in zip(got, expect):
         assert max_error(a, b) <= 3e-2
     names = ["x"] + [n for n, _ in m.named_parameters()]

@@ -108,7 +108,7 @@ def test_expert_choice_matches_reference(capacity_factor, top_k):
     token, expert, weight, _ = m.route(x)
     per_image = torch.zeros(2, 4, dtype=torch.long)
     per_image.index_put_((token // 12, expert), torch.tensor(1), accumulate=True)
-    assert torch.all(per_image == C) and torch.all(aux["counts"] == 2 * C)
+    assert torch.all(per_image == C) and torch.all(aux["load"] == 2 * C)
     assert sorted(zip(token.tolist(), expert.tolist())) == sorted((n * 12 + t, e) for n, t, e, _ in pairs)
     # tokens get a variable number of experts; with K = 1 there are as many slots as tokens,
     # so a token with two experts leaves another with none
@@ -128,7 +128,7 @@ def test_race_training_matches_reference(dispatch, dtype, rtol, atol):
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(aux["router_loss"], loss_ref, rtol=1e-4, atol=1e-8)
     assert aux["router_loss"] > 0
-    assert aux["counts"].sum() == 2 * 12 * 2 and len(pairs) == 2 * 12 * 2  # exactly N*T*K pairs
+    assert aux["load"].sum() == 2 * 12 * 2 and len(pairs) == 2 * 12 * 2  # exactly N*T*K pairs
     # The two correlation formulas differ: they round differently in float32 (1e-4 relative), and
     # ours adds 1e-6 to the standard deviation (1e-6 relative, what float64 shows).
     loose = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9)
@@ -161,7 +161,7 @@ def test_race_inference_matches_reference(dispatch, dtype, rtol, atol):
     y, aux = m(x)
     y_ref, _, pairs = reference_race(m, x, training=False)
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    assert aux["router_loss"] == 0 and aux["counts"].sum() == len(pairs)
+    assert aux["router_loss"] == 0 and aux["load"].sum() == len(pairs)
     # gradients too: the unselected candidates' rows must not leak garbage into x or the weights
     assert_same_grads(m, x, y, 0.0, y_ref, 0.0, rtol=rtol, atol=atol)
 
@@ -235,7 +235,7 @@ def test_compile_fullgraph_matches_eager(router, dispatch):
     compiled = torch.compile(m, fullgraph=True)
     y_c, aux_c = compiled(x)
     got = grads(m, x, y_c, aux_c["router_loss"], g)
-    torch.testing.assert_close(aux_c["counts"], aux["counts"])
+    torch.testing.assert_close(aux_c["load"], aux["load"])
     for a, b in zip([y_c, aux_c["router_loss"], *got], [y, aux["router_loss"], *expect]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if router == "race":
