@@ -73,7 +73,8 @@ def save(run_dir, model, ema, opt, info, sharded):
     if sharded:
         model_sd, opt_sd = get_state_dict(model, opt)
         tmp = final.with_name(final.name + ".tmp")
-        dcp.save({"model": model_sd, "ema": get_model_state_dict(ema), "opt": opt_sd}, checkpoint_id=tmp)
+        dcp.save({"model": model_sd, "ema": get_model_state_dict(ema), "opt": opt_sd}, checkpoint_id=tmp,
+                 no_dist=not dist.is_initialized())
         if rank == 0:  # dcp.save returned on every rank: all shards are written
             (tmp / "train_state.json").write_text(json.dumps(info))
             os.replace(tmp, final)
@@ -157,7 +158,7 @@ def resume(path, model, ema, opt):
     if path.is_dir():  # each rank reads the pieces of its own shards, whatever the old world size
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "ema": get_model_state_dict(ema), "opt": opt_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
         set_model_state_dict(ema, state["ema"])
         return read_info(path)
@@ -360,7 +361,7 @@ if __name__ == "__main__":
     ema_sd = {k: torch.empty_like(v, device="cpu") for k, v in ema.state_dict().items()}
     if src.is_dir():  # one process reads every rank's shards into full tensors
         state = {"ema": ema_sd}
-        dcp.load(state, checkpoint_id=src)
+        dcp.load(state, checkpoint_id=src, no_dist=True)
     else:
         state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
     run_dir = src.parent.parent
