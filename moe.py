@@ -61,8 +61,8 @@ class MoE(nn.Module):
         self.similarity_beta = similarity_beta
         if router == "race":  # NaN: no batch seen yet, the first one sets it
             self.register_buffer("threshold", torch.tensor(float("nan")))
-        self.router = nn.Linear(dim, num_experts, bias=False)  # the gating head: E logits
-        self.router_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU()) if target_dim else None
+        self.router = Float32Linear(dim, num_experts, bias=False)  # the gating head: E logits
+        self.router_mlp = nn.Sequential(Float32Linear(dim, dim), nn.GELU()) if target_dim else None
         self.target_head = nn.Linear(dim, target_dim) if target_dim else None
         # Expert e: gate weights w_gate_up[e, :, :H], up weights w_gate_up[e, :, H:].
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
@@ -115,13 +115,8 @@ class MoE(nn.Module):
         "router_hidden", what the gating head read; no side effects. token indexes the N*T rows;
         expert E marks a race loser."""
         with no_autocast(x.device.type):  # routing in float32, autocast or not
-            dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays (tests)
-            hidden = x.to(dtype)  # (N, T, D)
-            if self.router_mlp is not None:  # PLR: the router's hidden layer
-                hidden = self.router_mlp(hidden.to(self.router_mlp[0].weight.dtype)).to(dtype)
-            # the gating head called as a module (FSDP2 gathers its weights in its own hook), in
-            # its own dtype: float32 everywhere train.py and checkpoint.py set it up
-            logits = self.router(hidden.to(self.router.weight.dtype)).to(dtype)  # (N, T, E)
+            hidden = x if self.router_mlp is None else self.router_mlp(x)  # (N, T, D); PLR: the MLP's
+            logits = self.router(hidden)  # (N, T, E), float32
             rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
             token, expert, weight, aux = rule[self.routing](logits)
         return token, expert, weight, aux | {"router_hidden": hidden}
@@ -233,6 +228,16 @@ class MoE(nn.Module):
         h = torch.bmm(F.silu(gate) * up, self.w_down).view(-1, D)  # (A, D)
         h = h * weight[:, None].to(h.dtype)
         return h.new_zeros(x.shape).index_add_(0, token, h)
+
+
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 (float64 stays) whatever its weights' dtype: the router.
+    A module call, so FSDP2 gathers its weights in its own hook."""
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
 
 class SwiGLU(nn.Module):

@@ -38,8 +38,12 @@ index_select and .to(x.device) instead, or run on the meta device, which has nei
 import traceback
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+import moe
 
 aten = torch.ops.aten
 
@@ -148,3 +152,61 @@ class CountSyncs(TorchDispatchMode):
         if any(t.device.type == "cpu" for t in outputs):
             self.host_outputs.append(str(func))
         return out
+
+
+class FakeCudaBindings(TorchFunctionMode):
+    """Run the Tensor methods whose bindings take a device guard on fake CUDA tensors, with the
+    tensors labelled CPU during the call (none of them is affected by autocast)."""
+    GUARDED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.to, torch.Tensor.float,
+               torch.Tensor.bfloat16, torch.Tensor.half, torch.Tensor.double, torch.Tensor.long,
+               torch.Tensor.int, torch.Tensor.bool, torch.Tensor.contiguous, torch.Tensor.copy_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.pin_memory and isinstance(args[0], FakeTensor):
+            return args[0]  # fake host memory: as good as pinned (the CPU build cannot pin)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake_cuda = [t for t in tensors if isinstance(t, FakeTensor) and t.device.type == "cuda"]
+        moves = func is torch.Tensor.to and any(
+            isinstance(a, (str, torch.device)) for a in tree_leaves((args[1:], kwargs)))
+        if func not in self.GUARDED or not fake_cuda or moves or len(fake_cuda) < len(tensors):
+            return func(*args, **kwargs)  # as on a GPU: a device change is dispatched (and recorded)
+        cpu, cuda = torch.device("cpu"), fake_cuda[0].device
+        for t in fake_cuda:
+            t.fake_device = cpu
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for t in fake_cuda:
+                t.fake_device = cuda
+        for t in tree_leaves(out):
+            if isinstance(t, FakeTensor):
+                t.fake_device = cuda
+        return out
+
+
+class RecordOps(CountSyncs):
+    """CountSyncs that also keeps the names of the ops it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.name())
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def pretend_gpu(monkeypatch, capability):
+    """Make moe see a CUDA device of this compute capability; returns the list of queries."""
+    queries = []
+    monkeypatch.setattr(moe, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: queries.append(i) or capability)
+    return queries
+
+
+def pretend_cuda_autocast(monkeypatch):
+    """torch.autocast("cuda") checks for a device when it is made; then it runs on fake CUDA
+    tensors as on one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)

@@ -11,13 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-import moe
 from moe import ROUTERS, MoE, SwiGLU, grouped_mm, grouped_mm_is_fast
-from sync_count import CountSyncs
+from sync_count import FakeCudaBindings, RecordOps, pretend_gpu
 
 
 # ----------------------------------------------------------------------------
@@ -307,14 +304,6 @@ def test_bad_arguments():
 # The choice of dispatch
 # ----------------------------------------------------------------------------
 
-def pretend_gpu(monkeypatch, capability):
-    """Make moe see a CUDA device of this compute capability; returns the list of queries."""
-    queries = []
-    monkeypatch.setattr(moe, "_CAPABILITY", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: queries.append(i) or capability)
-    return queries
-
-
 @pytest.mark.parametrize("capability, dtype, fast", [
     ((9, 0), torch.bfloat16, True),     # H100, H200: CUTLASS
     ((10, 0), torch.bfloat16, True),    # B200: CUTLASS
@@ -356,47 +345,6 @@ def test_dispatch_choice_compiles(monkeypatch):
 #   (each graph node asks the CUDA device guard for the current stream), autocast's cast of a
 #   weight that requires grad included. So the forward runs with frozen weights, and the backward
 #   runs on the meta device, which shows device crossings and reads but not CUDA's meta checks.
-
-class FakeCudaBindings(TorchFunctionMode):
-    """Run the Tensor methods whose bindings take a device guard on fake CUDA tensors, with the
-    tensors labelled CPU during the call (none of them is affected by autocast)."""
-    GUARDED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.to, torch.Tensor.float,
-               torch.Tensor.bfloat16, torch.Tensor.half, torch.Tensor.double, torch.Tensor.long,
-               torch.Tensor.int, torch.Tensor.bool, torch.Tensor.contiguous, torch.Tensor.copy_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        fake_cuda = [t for t in tensors if isinstance(t, FakeTensor) and t.device.type == "cuda"]
-        moves = func is torch.Tensor.to and any(
-            isinstance(a, (str, torch.device)) for a in tree_leaves((args[1:], kwargs)))
-        if func not in self.GUARDED or not fake_cuda or moves or len(fake_cuda) < len(tensors):
-            return func(*args, **kwargs)  # as on a GPU: a device change is dispatched (and recorded)
-        cpu, cuda = torch.device("cpu"), fake_cuda[0].device
-        for t in fake_cuda:
-            t.fake_device = cpu
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            for t in fake_cuda:
-                t.fake_device = cuda
-        for t in tree_leaves(out):
-            if isinstance(t, FakeTensor):
-                t.fake_device = cuda
-        return out
-
-
-class RecordOps(CountSyncs):
-    """CountSyncs that also keeps the names of the ops it saw."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.name())
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("gpu, capability", [("H100", (9, 0)), ("A100", (8, 0))])

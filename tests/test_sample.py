@@ -372,3 +372,35 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith("error: checkpoint not found")
+
+
+# ----------------------------------------------------------------------------
+# --legacy-cfg per objective, DiT's released checkpoints
+# ----------------------------------------------------------------------------
+
+def test_legacy_cfg_is_the_official_rule_of_each_objective(tmp_path, vae_dir):
+    # The official DDPM sampler guides channels 0-2 of 4, its rectified-flow sampler all four:
+    # --legacy-cfg changes DDPM samples and leaves rectified-flow samples as they are.
+    grids = {}
+    for objective in ("ddpm", "rf"):
+        net = tiny(in_channels=4, latent_space=True, objective=objective)
+        ckpt = save_ours(net, tmp_path / f"{objective}.pt")
+        for legacy in ([], ["--legacy-cfg"]):
+            out = tmp_path / f"{objective}{len(legacy)}.png"
+            sample.main(["--ckpt", ckpt, "--vae", vae_dir, "--device", "cpu", "--classes", "1", "2",
+                         "--per-class", "1", "--num-sampling-steps", "4", "--out", str(out), *legacy])
+            grids[objective, bool(legacy)] = np.asarray(Image.open(out))
+    assert np.array_equal(grids["rf", True], grids["rf", False])
+    assert not np.array_equal(grids["ddpm", True], grids["ddpm", False])
+
+
+def test_dit_released_checkpoint_samples_through_sample_py(tmp_path, vae_dir):
+    # A raw state_dict in facebookresearch/DiT's layout (dense, GELU MLPs, learned sigma): DDPM,
+    # the learned-sigma split, and with --legacy-cfg exactly DiT's guidance (channels 0-2).
+    from test_checkpoint import dit_state_dict
+    torch.save(dit_state_dict(), tmp_path / "DiT-tiny.pt")
+    sample.main(["--ckpt", str(tmp_path / "DiT-tiny.pt"), "--vae", vae_dir, "--device", "cpu", "--classes", "3",
+                 "--per-class", "1", "--num-sampling-steps", "3", "--legacy-cfg", "--out", str(tmp_path / "d.png")])
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["sampler"] == "ddpm" and saved["model"]["num_experts"] == 0 and saved["model"]["learn_sigma"]
+    assert np.asarray(Image.open(tmp_path / "d.png")).std() > 0
