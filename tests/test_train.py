@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import train
 from diffusion import create_objective
 from model import create_model
 from runs import BATCH, EMA, LR, QUICK, STEPS, assert_close, checked, records, run, saved
@@ -179,3 +180,25 @@ def test_bad_input_is_one_line(single, tmp_path, args, message):
     r = run(*args, "--results-dir", tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_upcycled_run_starts_at_the_source_models_loss(tmp_path, capsys):
+    # A 1-expert model trained briefly, then new runs from its weights (train.py --init-from):
+    # itself (1E1A: the source's own loss on the first batch), upcycled to 4E2A (4 copies of its
+    # expert, a fresh N(0, 0.02) router), and a 4E2A from scratch. In-process: four short runs.
+    def first_loss(*flags):
+        train.main(train.parse_args(["--device", "cpu", "--global-batch-size", "32", "--log-every", "1",
+                                     *map(str, flags)]))
+        return records(flags[flags.index("--results-dir") + 1])[0]["loss"]
+
+    one = ["--set", "num_experts=1", "--set", "top_k=1"]
+    train.main(train.parse_args(["--device", "cpu", *one, "--max-steps", "60", "--global-batch-size", "32",
+                                 "--ema-decay", "0.5", "--results-dir", str(tmp_path / "src")]))
+    source = tmp_path / "src" / "latest" / "ema.pt"
+    itself = first_loss(*one, "--init-from", source, "--max-steps", 1, "--results-dir", tmp_path / "same")
+    upcycled = first_loss("--init-from", source, "--max-steps", 1, "--results-dir", tmp_path / "up")
+    scratch = first_loss("--max-steps", 1, "--results-dir", tmp_path / "scratch")
+    out = capsys.readouterr().out
+    assert "44 tensors copied, 8 upcycled into 4 experts, 4 fresh (moe.router.weight x4)" in out
+    assert scratch - itself > 0.3  # the source has learned something
+    assert abs(upcycled - itself) < 0.1 * (scratch - itself), (itself, upcycled, scratch)
