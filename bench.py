@@ -168,9 +168,10 @@ def bench_model(args, device, peak_tflops):
         steps = 2 if args.quick else 5
         z, yy = torch.randn_like(x0).repeat(2, 1, 1, 1), torch.cat([y, torch.full_like(y, cfg.num_classes)])
         fn = lambda xt, tt: net.forward_with_cfg(xt, tt, yy, 4.0)
-        sampler = create_objective("ddpm", steps)
+        sampler = create_objective("ddpm")
         with torch.no_grad(), autocast:
-            sec = interleaved({"s": lambda: sampler.sample(fn, z)}, max(args.rounds // 2, 1), device)["s"]
+            sec = interleaved({"s": lambda: sampler.sample(fn, z, num_steps=steps)}, max(args.rounds // 2, 1),
+                              device)["s"]
         rows.append([f"sampling {name}", "DDPM 250 + CFG", f"{batch / (sec / steps * 250):.3f} img/s",
                      f"from {steps}-step runs"])
     return rows

@@ -211,10 +211,11 @@ class GaussianDiffusion:
             log_var = _gather(tab.log_betas, i, x_t)
         return mean, log_var, pred_x0
 
-    def training_inputs(self, x0, generator=None):
-        """Uniform t and the noised x_t for a batch x0 (N, C, H, W) -> t (N,) long, x_t, noise."""
-        i = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def training_inputs(self, x0):
+        """Uniform t and the noised x_t for a batch x0 (N, C, H, W) -> t (N,) long, x_t, noise,
+        from the global RNG (train.py seeds it per micro-batch)."""
+        i = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         t = self.tables(x0.device).timestep_map.index_select(0, i)  # what the model embeds
         return t, self.q_sample(x0, i, noise), noise
 
@@ -282,20 +283,21 @@ class GaussianDiffusion:
                 x = x + sigma * randn(x)
         return x
 
+    def schedule(self, num_steps):
+        """This schedule respaced to num_steps (ValueError for a count no sampler can run), kept,
+        so that its tables move to the device once, not once per batch."""
+        if num_steps == self.num_timesteps:
+            return self
+        if num_steps not in self._respaced:
+            self._respaced[num_steps] = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
+        return self._respaced[num_steps]
+
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
                progress=False):
-        """Sample x_0 from x_T = noise with "ddpm" (default) or "ddim" (eta for DDIM only).
-
-        num_steps respaces the base schedule (None: this object's own schedule).
-        """
+        """Sample x_0 from x_T = noise with "ddpm" (default) or "ddim" (eta for DDIM only), over
+        num_steps respaced steps (default: default_steps)."""
         sampler = _check_sampler(sampler, self.samplers, "ddpm")
-        diffusion = self
-        if num_steps is not None and num_steps != self.num_timesteps:
-            # kept, so that its tables move to the device once, not once per batch
-            if num_steps not in self._respaced:
-                respaced = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
-                self._respaced[num_steps] = respaced
-            diffusion = self._respaced[num_steps]
+        diffusion = self.schedule(num_steps or self.default_steps)
         if sampler == "ddpm":
             return diffusion.p_sample_loop(model_fn, noise, randn, progress)
         return diffusion.ddim_sample_loop(model_fn, noise, eta, randn, progress)
@@ -314,19 +316,16 @@ class RectifiedFlow:
     samplers = ("euler",)
     default_steps = 50  # sampling steps: the official demo
 
-    def __init__(self, num_sampling_steps=None):
-        self.num_sampling_steps = num_sampling_steps or self.default_steps
-
     def q_sample(self, x0, t, noise):
         """z_t = (1 - t) x_0 + t eps for t (N,) in [0, 1]."""
         t = t.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         return (1 - t) * x0 + t * noise
 
-    def training_inputs(self, x0, generator=None):
-        """t (N,) float, z_t and the noise for a batch x0 (N, C, H, W)."""
+    def training_inputs(self, x0):
+        """t (N,) float, z_t and the noise for a batch x0 (N, C, H, W), from the global RNG."""
         # logit-normal t = sigmoid(n), n ~ N(0, 1): dense mid-path (Esser et al. 2024 Sec. 3.1)
-        t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype))
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         return t, self.q_sample(x0, t, noise), noise
 
     def target(self, x0, noise):
@@ -352,7 +351,7 @@ class RectifiedFlow:
                progress=False):
         """Same signature as GaussianDiffusion.sample; Euler is deterministic, so eta and randn are unused."""
         _check_sampler(sampler, self.samplers, "rf")
-        return self.euler_sample_loop(model_fn, noise, num_steps or self.num_sampling_steps, progress)
+        return self.euler_sample_loop(model_fn, noise, num_steps or self.default_steps, progress)
 
 
 # ----------------------------------------------------------------------------
@@ -362,10 +361,10 @@ class RectifiedFlow:
 OBJECTIVES = ("ddpm", "rf")
 
 
-def create_objective(name, num_sampling_steps=None):
-    """ddpm: GaussianDiffusion (respaced to num_sampling_steps if given); rf: RectifiedFlow."""
+def create_objective(name):
+    """ddpm: GaussianDiffusion (T = 1000, as trained; sampling respaces it); rf: RectifiedFlow."""
     if name == "ddpm":
-        return GaussianDiffusion(respacing=num_sampling_steps)
+        return GaussianDiffusion()
     if name == "rf":
-        return RectifiedFlow(num_sampling_steps)
+        return RectifiedFlow()
     raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")

@@ -380,6 +380,11 @@ def main(argv=None):
         fail(f"class labels must be in 0..{cfg.num_classes - 1} for this model, got {args.classes}")
     obj = create_objective(cfg.objective)
     args.num_sampling_steps = args.num_sampling_steps or obj.default_steps
+    if cfg.objective == "ddpm":
+        try:  # the respaced schedule, made now: a count no sampler can run is refused before any work
+            obj.schedule(args.num_sampling_steps)
+        except ValueError as e:
+            fail(f"--num-sampling-steps {args.num_sampling_steps}: {e}")
     args.sampler = args.sampler or obj.samplers[0]
     if args.sampler not in obj.samplers:
         fail(f"sampler {args.sampler!r} does not fit this {cfg.objective} checkpoint; valid: {', '.join(obj.samplers)}")

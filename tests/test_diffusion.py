@@ -270,7 +270,8 @@ def test_vb_term_against_numpy(respacing):
 def test_training_inputs():
     d = GaussianDiffusion(respacing=250)
     x0 = torch.randn(4096, 1, 2, 2, generator=generator(3))
-    t, x_t, noise = d.training_inputs(x0, generator(4))
+    torch.manual_seed(4)
+    t, x_t, noise = d.training_inputs(x0)
     assert t.dtype == torch.long and set(t.tolist()) <= set(dit_respacing(250))
     assert len(set(t.tolist())) > 200                   # uniform over the 250 kept steps
     a = torch.from_numpy(np.sqrt(ABAR[t.numpy()])).float().view(-1, 1, 1, 1)
@@ -341,14 +342,14 @@ def delta_oracle(x_star, seen):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-@pytest.mark.parametrize("num_steps", [None, 50])
+@pytest.mark.parametrize("num_steps", [1000, 50])
 def test_oracle_on_delta_dataset(sampler, num_steps):
     x_star = torch.tensor([0.5, -0.25, 1.5], dtype=torch.float64).view(1, 3, 1, 1)
     noise = torch.randn(8, 3, 1, 1, generator=generator(5), dtype=torch.float64)
     seen = []
     x = GaussianDiffusion().sample(delta_oracle(x_star, seen), noise, sampler=sampler, num_steps=num_steps)
     torch.testing.assert_close(x, x_star.expand_as(x), rtol=0, atol=1e-9)
-    assert seen == (list(range(T - 1, -1, -1)) if num_steps is None else dit_respacing(50)[::-1])
+    assert seen == (list(range(T - 1, -1, -1)) if num_steps == 1000 else dit_respacing(50)[::-1])
 
 
 def unit_gaussian_oracle(m):
@@ -372,12 +373,12 @@ def test_ancestral_sampling_is_exact_for_gaussian_data(num_steps):
     assert abs(x.var().item() - (1 - BETAS[0])) < 5 * math.sqrt(2 / n)
 
 
-@pytest.mark.parametrize("num_steps", [None, 50])
+@pytest.mark.parametrize("num_steps", [1000, 50])
 def test_ddim_deterministic_map_for_gaussian_data(num_steps):
     # for N(m, 1) data, y = x_t - a_t m keeps unit variance; with theta_t = arccos(a_t) a DDIM step
     # rotates (a, b) to (a', b') and multiplies y by cos(theta_t - theta_prev); at the end theta = 0
     m = -0.4
-    kept = list(range(T)) if num_steps is None else dit_respacing(num_steps)
+    kept = list(range(T)) if num_steps == 1000 else dit_respacing(num_steps)
     theta = np.arccos(np.sqrt(np.concatenate([[1.0], ABAR[kept]])))
     gain = np.prod(np.cos(np.diff(theta)))
     noise = torch.randn(16, 1, 1, 1, generator=generator(7), dtype=torch.float64)
@@ -434,7 +435,8 @@ def test_targets_are_what_the_output_predicts():
 
 def test_rf_logit_normal_quantiles():
     n = 200_000
-    t, _, _ = RectifiedFlow().training_inputs(torch.zeros(n, 1, 1, 1, dtype=torch.float64), generator(12))
+    torch.manual_seed(12)
+    t, _, _ = RectifiedFlow().training_inputs(torch.zeros(n, 1, 1, 1, dtype=torch.float64))
     q = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
     ref = 1 / (1 + np.exp(-stats.norm.ppf(q)))          # quantiles of sigmoid(N(0, 1))
     np.testing.assert_allclose(np.quantile(t.numpy(), q), ref, atol=0.004)
@@ -590,11 +592,23 @@ def test_sync_counter_sees_what_syncs():
 # Registry and bad input
 # ----------------------------------------------------------------------------
 
+def test_sampling_steps_default_to_the_objectives_own():
+    seen = []
+    GaussianDiffusion().sample(delta_oracle(torch.zeros(1, 1, 1, 1, dtype=torch.float64), seen),
+                               torch.zeros(1, 1, 1, 1, dtype=torch.float64))
+    assert seen == dit_respacing(GaussianDiffusion.default_steps)[::-1]  # 250, DiT's FID setting
+    calls = []
+    RectifiedFlow().sample(lambda z, t: calls.append(t) or torch.zeros_like(z), torch.zeros(1, 1, 1, 1))
+    assert len(calls) == RectifiedFlow.default_steps == 50
+
+
 def test_create_objective_and_bad_input():
     assert isinstance(create_objective("rf"), RectifiedFlow)
-    assert create_objective("rf", 20).num_sampling_steps == 20
     assert create_objective("ddpm").num_timesteps == 1000
-    assert create_objective("ddpm", 250).timestep_map.tolist() == dit_respacing(250)
+    assert create_objective("ddpm").schedule(250).timestep_map.tolist() == dit_respacing(250)
+    assert create_objective("ddpm").schedule(1000).num_timesteps == 1000
+    with pytest.raises(ValueError, match="use 2 or more steps"):
+        create_objective("ddpm").schedule(1)
     with pytest.raises(ValueError, match="valid: ddpm, rf"):
         create_objective("edm")
     x = torch.zeros(1, 1, 1, 1)

@@ -136,13 +136,14 @@ def test_images_are_deterministic_and_independent_of_the_batch():
 
 def test_latents_are_decoded_by_the_vae_with_sd_scaling(vae_dir):
     AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # requirements-vae.txt
-    net, vae, obj = tiny(in_channels=4, latent_space=True), AutoencoderKL.from_pretrained(vae_dir), create_objective("ddpm", 3)
+    net, vae, obj = tiny(in_channels=4, latent_space=True), AutoencoderKL.from_pretrained(vae_dir), create_objective("ddpm")
     got = draw(net, obj, [0], [2], cfg_scale=1.0, num_steps=3, vae=vae)
     # By hand: the latent of seed 0, class 2, decoded from latents / 0.18215 (SD's scale factor).
     g = torch.Generator().manual_seed(0)
     randn = lambda like: torch.randn(like.shape, generator=g)
     with torch.no_grad():
-        z = obj.sample(lambda x, t: net(x, t, torch.tensor([2])), randn(torch.empty(1, 4, 8, 8)), randn=randn)
+        z = obj.sample(lambda x, t: net(x, t, torch.tensor([2])), randn(torch.empty(1, 4, 8, 8)), num_steps=3,
+                       randn=randn)
         want = vae.decode(z / 0.18215).sample[0].permute(1, 2, 0).numpy()
     assert same_images(got[0], np.clip(127.5 * want + 128, 0, 255).astype(np.uint8))
 
@@ -172,7 +173,8 @@ def test_fid_batch_equals_independent_sampling_resumes_and_reads_in_evaluate(tmp
     def model_fn(x, t):
         cond, uncond = net(x, t, y), net(x, t, null)
         return torch.cat([uncond[:, :1] + 1.5 * (cond[:, :1] - uncond[:, :1]), cond[:, 1:]], dim=1)
-    x = create_objective("ddpm", 4).sample(model_fn, randn(torch.empty(1, 1, 8, 8)), sampler="ddpm", randn=randn)
+    x = create_objective("ddpm").sample(model_fn, randn(torch.empty(1, 1, 8, 8)), sampler="ddpm", num_steps=4,
+                                       randn=randn)
     want = np.clip(127.5 * x[0, 0].numpy() + 128, 0, 255).astype(np.uint8)
     for c in range(3):  # grey images are written as three equal channels
         assert same_images(arr[3, :, :, c], want)
