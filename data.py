@@ -145,13 +145,14 @@ def latent_shape(vae, image_size):
     return vae.config.latent_channels, image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def setup_data(args, device):
-    """(dataset, encode, shape): encode maps a raw batch on the device to the model's input x0 with
-    the seeded RNG; shape holds the model overrides input_size, in_channels, num_classes, latent_space."""
-    if args.latents_path:
-        if not (Path(args.latents_path) / "meta.json").is_file():
-            raise DataError(f"no latent shards in {args.latents_path} (write them with --extract-latents)")
-        data = LatentShards(args.latents_path)
+def setup_data(data_path, latents_path, image_size, vae_name, device):
+    """(dataset, encode, fields): latent shards, else an image folder through the VAE, else the
+    digits. encode maps a raw batch on the device to the model's input x0 with the seeded RNG;
+    fields are the model config's input_size, in_channels, num_classes and latent_space."""
+    if latents_path:
+        if not (Path(latents_path) / "meta.json").is_file():
+            raise DataError(f"no latent shards in {latents_path} (write them with --extract-latents)")
+        data = LatentShards(latents_path)
         def encode(x):  # (N, 2, 2, C, h, w): the image or its flip, then z = mean + std * eps
             x, flip = x.float(), (torch.rand(len(x), device=x.device) < 0.5).long()
             mean, std = x[torch.arange(len(x), device=x.device), :, flip].unbind(1)  # each (N, C, h, w)
@@ -159,9 +160,10 @@ def setup_data(args, device):
         m = data.meta
         return data, encode, dict(input_size=m["latent_size"], in_channels=m["channels"],
                                   num_classes=len(m["classes"]), latent_space=True)
-    if args.data_path:
-        data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
-        channels, size = latent_shape(vae, args.image_size)
+    if data_path:
+        data = ImageFolder(data_path, image_size)
+        vae = load_vae(vae_name, device)
+        channels, size = latent_shape(vae, image_size)
         @torch.no_grad()
         def encode(x):  # uint8 -> [-1, 1], flip half (the paper's only augmentation), posterior sample
             x = x.float() / 127.5 - 1
@@ -174,43 +176,44 @@ def setup_data(args, device):
 
 
 @torch.no_grad()
-def extract_latents(args, rank, world, device):
-    """Encode --data-path once: the scaled posterior mean and std of each image and of its mirror
-    image. Process r encodes images r, r + world, ... into its own shards."""
-    out = Path(args.latents_path)
+def extract_latents(data_path, latents_path, image_size, vae_name, batch_size, num_workers, rank, world, device):
+    """Encode an image folder once: the scaled posterior mean and std of each image and of its
+    mirror image. Process r encodes images r, r + world, ... into its own shards; meta.json,
+    written last by rank 0, lists every shard."""
+    out = Path(latents_path)
     if any(out.glob("shard-*.pt")):
         fail(f"{out} already holds latent shards; choose an empty folder")
     if world > 1:
         dist.barrier()  # every rank has looked before any rank writes
     try:
-        data, vae = ImageFolder(args.data_path, args.image_size), load_vae(args.vae, device)
+        data = ImageFolder(data_path, image_size)
+        vae = load_vae(vae_name, device)
     except DataError as e:
         fail(e)
-    channels, size = latent_shape(vae, args.image_size)
+    channels, size = latent_shape(vae, image_size)
     out.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(data, args.global_batch_size // world, sampler=range(rank, len(data), world),
-                        num_workers=args.num_workers)
-    s, parts, shard = vae.config.scaling_factor, [], 0
-    written = {}  # shard file name -> images, for meta.json
+    loader = DataLoader(data, batch_size, sampler=range(rank, len(data), world), num_workers=num_workers)
+    scale = vae.config.scaling_factor
+    parts = []
+    written = {}  # shard file name -> images
     for i, (x, y) in enumerate(tqdm(loader, desc="encoding", disable=rank != 0)):
         x = x.to(device).float() / 127.5 - 1
         post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist  # both orientations in one call
-        stack = lambda v: torch.stack((v * s).chunk(2), 1).half().cpu()  # (N, 2, C, h, w)
+        stack = lambda v: torch.stack((v * scale).chunk(2), 1).half().cpu()  # (N, 2, C, h, w)
         parts.append((stack(post.mean), stack(post.std), y))
         if sum(len(p[2]) for p in parts) >= SHARD_SIZE or i == len(loader) - 1:
             mean, std, label = (torch.cat(p) for p in zip(*parts))
-            # plain writes: meta.json, written by rank 0 once every rank is done, marks the set complete
-            name = f"shard-{rank:03d}-{shard:05d}.pt"
+            name = f"shard-{rank:03d}-{len(written):05d}.pt"
             torch.save({"mean": mean, "std": std, "label": label}, out / name)
             written[name] = len(label)
-            parts, shard = [], shard + 1
+            parts = []
     everyone = [written]
-    if world > 1:  # every rank's shard list, for a meta.json that names them all
+    if world > 1:  # every rank's shards, for a meta.json that names them all
         everyone = [None] * world
         dist.all_gather_object(everyone, written)
     if rank == 0:  # written last: its presence means every shard is complete
         shards = dict(sorted(kv for w in everyone for kv in w.items()))
-        meta = dict(image_size=args.image_size, latent_size=size, channels=channels, classes=data.classes,
-                    vae=args.vae, count=len(data), shards=shards)
+        meta = dict(image_size=image_size, latent_size=size, channels=channels, classes=data.classes,
+                    vae=vae_name, count=len(data), shards=shards)
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         print(f"wrote latents of {len(data)} images and their flips to {out}")

@@ -37,7 +37,6 @@ Tests: python -m pytest -q tests/test_train.py tests/test_bad_input.py
 """
 import launch  # noqa: I001  first import: the OpenMP wait policy must be set before torch loads
 
-import argparse
 import dataclasses
 import errno
 import json
@@ -63,7 +62,7 @@ import checkpoint
 from data import VAE, DataError, extract_latents, setup_data
 from diffusion import create_objective
 from launch import fail, fail_if_any, nonnegative_float, nonnegative_int, positive_float, positive_int, ranged
-from model import DiT, DiTBlock, DiTConfig, config_from_name
+from model import DiT, DiTBlock, DiTConfig, config_from_name, count
 from moe import max_violation
 
 # ----------------------------------------------------------------------------
@@ -192,25 +191,25 @@ def set_grad_sync(model, sync):
 
 def training_loss(model, objective, x0, y, layer_reg):
     """The whole objective of one micro-batch: the diffusion loss (DDPM's hybrid mse + vb, or the
-    rectified-flow velocity loss), the router losses of every MoE layer (DiT-MoE's balance loss
-    or Race-DiT's similarity loss), and Race-DiT's per-layer regularisation: every block's head
-    predicts the diffusion target, weighted by layer_reg. Returns (loss, per-term means)."""
+    rectified-flow velocity loss), the router losses of every MoE layer (DiT-MoE's balance loss,
+    Eq. 5, or Race-DiT's similarity loss), and Race-DiT's per-layer regularisation: each layer's
+    prediction of the diffusion target, its L2 error weighted by layer_reg.
+    Returns the loss and its terms, with "load": (L, E) assignments per expert."""
     t, x_t, noise = objective.training_inputs(x0)
     out, aux = model(x_t, t, y, return_aux=True)
     terms = objective.training_losses(out.float(), x0, x_t, t, noise)  # each (N,)
     terms = {k: v.mean() for k, v in terms.items()}
-    terms["router_loss"] = aux["router_loss"]
     loss = terms["loss"] + aux["router_loss"]
     if layer_reg:
         err = aux["layer_preds"].float() - objective.target(x0, noise)  # (L, N, C, H, W)
         terms["layer_reg"] = err.square().mean()
         loss = loss + layer_reg * terms["layer_reg"]
-    return loss, terms, aux["load"]
+    return loss, terms | {"router_loss": aux["router_loss"], "load": aux["load"]}
 
 
 @dataclasses.dataclass
 class Recipe:
-    """What a training step needs besides the model: the flags, this process's place, the numerics."""
+    """What a training step needs besides the model: flags, this process's place, numerics."""
     accum: int                # micro-batches per process and step
     seed: int
     rank: int
@@ -225,35 +224,39 @@ class Recipe:
 def train_step(model, wrapper, ema, opt, objective, x, y, encode, step, recipe):
     """One optimizer step on this process's share x, y of the global batch, with no host sync.
     model: the network as it is called (compiled and/or DDP); wrapper: the DDP or FSDP2 module
-    whose gradient sync is switched. Non-finite gradients skip the update on the device (fused
-    AdamW's found_inf); the skips are counted and checked at the next log line."""
+    whose gradient sync is switched. Returns the step's terms, on the device."""
     stats = {}
-    # Accumulate gradients over the micro-batches; reduce them over processes in the last one.
+    # Accumulate gradients; reduce them over processes in the last micro-batch's backward.
     for m in range(recipe.accum):
         set_grad_sync(wrapper, m == recipe.accum - 1)
         torch.manual_seed(micro_seed(recipe.seed, step, recipe.rank + recipe.world * m))
         x0 = encode(x[m::recipe.accum])
         with torch.autocast(recipe.device_type, dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss, terms, load = training_loss(model, objective, x0, y[m::recipe.accum], recipe.layer_reg)
-        (loss / recipe.accum).backward()  # router losses take the same 1/accum as the diffusion loss
-        terms["load"] = load
+            loss, terms = training_loss(model, objective, x0, y[m::recipe.accum], recipe.layer_reg)
+        (loss / recipe.accum).backward()  # the router losses take the same 1/accum
         for k, v in terms.items():
             stats[k] = stats.get(k, 0) + v.detach() / recipe.accum
-    # Update the weights, unless the gradients are not finite.
-    raw_model = ema_source(wrapper)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), recipe.clip_grad or math.inf)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    stats["skipped"] = (~grad_norm.isfinite()).float()
-    opt.found_inf = stats["skipped"]  # GradScaler's hook into fused AdamW: the kernel skips when 1
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    average_thresholds(raw_model, recipe.world)
-    update_ema(ema, raw_model, recipe.ema_decay)
+    # Update the weights (skipped on the device if the gradients are not finite), then the EMA.
+    net = unwrap(wrapper)
+    stats["skipped"] = clip_and_step(net, opt, recipe.clip_grad)
+    average_thresholds(net, recipe.world)
+    update_ema(ema, net, recipe.ema_decay)
     return stats
 
 
-def ema_source(wrapper):
+def clip_and_step(model, opt, clip_grad):
+    """Clip the global gradient norm, then AdamW. A non-finite norm makes the fused kernel skip
+    the update on the device (GradScaler's found_inf), with no host sync; returns 1.0 if so."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    opt.found_inf = (~norm.isfinite()).float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt.found_inf
+
+
+def unwrap(wrapper):
     """The network itself, under DDP's wrapper or not."""
     return wrapper.module if isinstance(wrapper, DDP) else wrapper
 
@@ -268,30 +271,74 @@ def average_thresholds(model, world):
 
 
 # ----------------------------------------------------------------------------
-# Logging and the results folder
+# A run: its folder, its state, its log and checkpoints
 # ----------------------------------------------------------------------------
 
-def summarize(sums, model, steps, seconds, images_per_step, world, device):
-    """The log record of the steps since the last one: loss terms averaged over steps and processes,
-    each layer's expert load, skipped updates, non-finite weights, speed and peak memory. One
-    all-reduce and one copy to the host: the only host syncs of the training loop."""
+@dataclasses.dataclass
+class Run:
+    """What a training run carries from step to step."""
+    model: torch.nn.Module     # the network as it is called: compiled and/or DDP
+    wrapper: torch.nn.Module   # the DDP or FSDP2 module whose gradient sync is switched
+    net: DiT                   # the network itself: gradients, EMA, checkpoints
+    ema: DiT
+    opt: torch.optim.Optimizer
+    sharded: bool
+    folder: Path
+    step: int
+    last_good: Path | None     # the newest checkpoint on disk (every one written is finite)
+    sums: dict = dataclasses.field(default_factory=dict)  # step terms since the last log line
+    since: int = 0             # the step of the last log line
+    clock: float = 0.0         # and its time
+
+
+def new_run_folder(results, model_name):
+    """results/NNN-<model>/checkpoints with NNN one past the highest there, as DiT names runs."""
+    results = Path(results)
+    taken = [int(m[1]) for d in results.iterdir() if (m := re.match(r"(\d+)-", d.name))]
+    folder = results / f"{max(taken, default=-1) + 1:03d}-{model_name.replace('/', '-')}"
+    (folder / "checkpoints").mkdir(parents=True)
+    return folder
+
+
+def point_latest(folder):
+    # results/latest -> this run, swapped atomically (sample.py --ckpt results/latest/ema.pt);
+    # called once the run has a checkpoint, so latest never names a run without an ema.pt
+    tmp = folder.parent / "latest.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(folder.name, tmp)
+    os.replace(tmp, folder.parent / "latest")
+
+
+def trim_log(folder, step):
+    """A resumed run redoes the steps after its checkpoint: drop their old log records."""
+    log = folder / "log.jsonl"
+    if log.exists():
+        keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in keep))
+
+
+def summarize(sums, net, steps, seconds, images_per_step, world, device):
+    """The log record of the steps since the last one: loss terms averaged over steps and
+    processes, each layer's expert load, skipped updates, non-finite weights, speed and peak
+    memory. One all-reduce and one copy to the host: the only host syncs of the training loop."""
     terms = {k: v for k, v in sums.items() if k not in ("load", "skipped")}
     load = sums["load"]  # (L, E) assignments per expert, summed over steps
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in net.parameters()]
     bad_weights = torch.stack([(~p.isfinite()).any() for p in local]).sum().float()
-    flat = torch.cat([torch.stack(list(terms.values())), load.flatten(), sums["skipped"][None], bad_weights[None]])
+    counts = [sums["skipped"][None], bad_weights[None]]
+    flat = torch.cat([torch.stack(list(terms.values())), load.flatten(), *counts])
     if world > 1:
         dist.all_reduce(flat)
     flat = flat.cpu()
     rec = dict(zip(terms, (flat[:len(terms)] / (steps * world)).tolist()))
     rec["skipped"] = round(flat[-2].item() / world)  # every process skips the same steps
     rec["non_finite_weights"] = bool(flat[-1] > 0)
-    frac = flat[len(terms):-2].view(load.shape)
-    frac = frac / frac.sum(1, keepdim=True).clamp(min=1)  # (L, E): each expert's share of its layer
-    if frac.numel():
-        rec["load_min"] = frac.min(1).values.tolist()
-        rec["load_max"] = frac.max(1).values.tolist()
-        rec["maxvio"] = max_violation(frac).mean().item()  # Race-DiT's MaxVio
+    share = flat[len(terms):-2].view(load.shape)
+    share = share / share.sum(1, keepdim=True).clamp(min=1)  # (L, E): an expert's share of its layer
+    if share.numel():
+        rec["load_min"] = share.min(1).values.tolist()
+        rec["load_max"] = share.max(1).values.tolist()
+        rec["maxvio"] = max_violation(share).mean().item()  # Race-DiT's MaxVio
     rec["steps_per_s"] = steps / seconds
     rec["images_per_s"] = steps * images_per_step / seconds
     if device.type == "cuda":
@@ -301,227 +348,7 @@ def summarize(sums, model, steps, seconds, images_per_step, world, device):
     return rec
 
 
-def new_run_dir(results, model_name):
-    """results/NNN-<model>/checkpoints with NNN one past the highest there, as DiT names runs."""
-    results = Path(results)
-    taken = [int(m[1]) for d in results.iterdir() if (m := re.match(r"(\d+)-", d.name))]
-    run = results / f"{max(taken, default=-1) + 1:03d}-{model_name.replace('/', '-')}"
-    (run / "checkpoints").mkdir(parents=True)
-    return run
-
-
-def point_latest(run):
-    # results/latest -> this run, swapped atomically (sample.py --ckpt results/latest/ema.pt);
-    # called once the run has a checkpoint, so latest never names a run without an ema.pt
-    tmp = run.parent / "latest.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(run.name, tmp)
-    os.replace(tmp, run.parent / "latest")
-
-
-def trim_log(run_dir, step):
-    """A resumed run redoes the steps after its checkpoint: drop their old log records."""
-    log = run_dir / "log.jsonl"
-    if log.exists():
-        keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in keep))
-
-
-def log_line(step, rec, num_experts):
-    """One line for the terminal: losses, the range of the experts' shares of their layer, speed."""
-    shown = [f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "skipped"]
-    if "load_min" in rec:
-        shown.append(f"expert load {min(rec['load_min']):.2f}-{max(rec['load_max']):.2f} (even: {1 / num_experts:.2f})")
-    return f"step {step}: " + ", ".join(shown)
-
-
-def save(run_dir, raw_model, ema, opt, step, epoch, cfg, args, sharded, last_good):
-    """A checkpoint and ema.pt; a full disk ends the run with one line, the last good one kept."""
-    info = {"step": step, "epoch": epoch, "config": dataclasses.asdict(cfg), "args": vars(args)}
-    try:
-        path = checkpoint.save(run_dir, raw_model, ema, opt, info, sharded)
-    except OSError as e:
-        why = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        fail(f"{why} writing the checkpoint of step {step} in {run_dir}; last good checkpoint: {last_good}")
-    checkpoint.prune(run_dir, args.keep_last)
-    return path
-
-
-# ----------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------
-
-def build_config(args, data_fields):
-    """The model config: the registry entry, the data's shape, then --set; checked on its own
-    and against the data before anything is built."""
-    fields = data_fields | args.set
-    try:
-        cfg = config_from_name(args.model, **fields)
-    except ValueError as e:
-        fail(e)
-    error = cfg.check()
-    if error:
-        fail(error)
-    for name in ("input_size", "in_channels", "latent_space"):
-        if getattr(cfg, name) != data_fields[name]:
-            fail(f"--set {name}={getattr(cfg, name)} does not fit the data: its {name} is {data_fields[name]}")
-    if cfg.num_classes < data_fields["num_classes"]:
-        fail(f"--set num_classes={cfg.num_classes} is fewer than the {data_fields['num_classes']} classes "
-             "in the data")
-    return cfg
-
-
-def main(args):
-    # Setup: processes, devices, numerics
-    rank, world, device = launch.setup(args.device)
-    node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # GPUs per node under torchrun
-    if args.global_batch_size % (world * args.grad_accum):
-        fail(f"--global-batch-size {args.global_batch_size} does not split into "
-             f"{world} processes x {args.grad_accum} micro-batches")
-    bf16 = launch.bf16_default(device, args.precision)
-    if args.extract_latents:
-        return extract_latents(args, rank, world, device)
-    log = print if rank == 0 else lambda *a: None
-
-    # Data: rank r takes samples r, r + world, ... of each epoch's permutation (seeded by the epoch)
-    try:
-        data, encode, data_fields = setup_data(args, device)
-        error = None
-    except DataError as e:  # a node whose disk lacks the data stops every rank, not only itself
-        error = str(e)
-    fail_if_any(error)
-    cfg = build_config(args, data_fields)
-    local_batch = args.global_batch_size // world
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed, drop_last=True)
-    steps_per_epoch = len(sampler) // local_batch
-    if steps_per_epoch == 0:
-        fail(f"{len(data)} images are fewer than one global batch of {args.global_batch_size}")
-    total_steps = min(args.max_steps or math.inf, (args.epochs or math.inf) * steps_per_epoch)
-
-    # Where the run continues from, or starts from
-    resume_from = None
-    if args.resume:
-        resume_from, error = find_resume(args.resume, cfg, log)
-        fail_if_any(error)
-    if args.sharded and world == 1:
-        fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
-    gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else math.inf
-    sharded, checkpointing, mem = plan(cfg, local_batch, args.grad_accum, world, node_size, gpu_gb, bf16,
-                                       args.sharded, args.grad_checkpointing)
-
-    # Model, EMA, optimizer
-    torch.manual_seed(args.global_seed)  # the same initial weights on every rank
-    raw_model = DiT(cfg)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    if args.init_from and not resume_from:
-        try:
-            log(checkpoint.init_from(raw_model, args.init_from))
-        except checkpoint.CheckpointError as e:
-            fail(e)
-    raw_model.grad_checkpointing = checkpointing
-    with torch.device("meta"):  # the EMA gets storage after sharding: never a second full copy
-        ema = DiT(cfg)
-    if sharded:
-        shard(raw_model, bf16, node_size, device)
-        shard(ema, bf16, node_size, device)
-    raw_model.to(device)
-    ema.to_empty(device=device).requires_grad_(False).load_state_dict(raw_model.state_dict())
-    # fused: one pass over weights, gradients and moments (on CPU 5x faster than the per-op default)
-    opt = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    step = 0
-    run_dir = None
-    last_good = None
-    if resume_from:  # the same run continues: its folder, its log, its step
-        info = checkpoint.resume(resume_from, raw_model, ema, opt)
-        step = info["step"]
-        run_dir = resume_from.parent.parent
-        last_good = resume_from
-        for key in ("lr", "weight_decay"):  # this command's values apply from here on
-            for group in opt.param_groups:
-                group[key] = getattr(args, key)
-            if info["args"][key] != getattr(args, key):
-                log(f"--{key.replace('_', '-')} changed from {info['args'][key]} to {getattr(args, key)}")
-        checkpoint.export_ema(run_dir, ema, info | {"args": vars(args)}, sharded)  # ema.pt may lag
-    wrapper = raw_model
-    if world > 1 and not sharded:  # every expert weight is used in every forward: no find_unused_parameters
-        wrapper = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                      forward_sync_buffers=False, gradient_as_bucket_view=True)
-    model = torch.compile(wrapper) if args.compile else wrapper
-    objective = create_objective(cfg.objective)
-    if rank == 0:
-        run_dir = run_dir or new_run_dir(args.results_dir, args.model)
-        checkpoint.remove_partial(run_dir)  # *.tmp of a killed write
-        trim_log(run_dir, step)
-    if world > 1:  # rank 0 named the run folder; sharded checkpoints are written by every rank
-        shared = [run_dir]
-        dist.broadcast_object_list(shared)
-        run_dir = shared[0]
-    mode = "sharded (HSDP across nodes)" if sharded and world > node_size else "sharded" if sharded \
-        else "DDP" if world > 1 else "single process"
-    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {cfg.num_classes} classes, input {cfg.in_channels}x"
-        f"{cfg.input_size}x{cfg.input_size} {'latents' if cfg.latent_space else 'pixels'}, {len(data)} images")
-    log(f"batch: global {args.global_batch_size} = {world} processes x {args.grad_accum} micro-batches x "
-        f"{local_batch // args.grad_accum}; {steps_per_epoch} steps/epoch; steps {step} -> {total_steps}")
-    log(f"memory per {'GPU' if device.type == 'cuda' else 'process'}, {mode}, {'bf16' if bf16 else 'fp32'}"
-        f"{', gradient checkpointing' if checkpointing else ''}: "
-        + " + ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} GB")
-    if cfg.num_experts and cfg.router == "token":  # Eq. 5 at perfect balance: f_i = 1, sum_i P_i = 1
-        log(f"router_loss at perfect balance: {cfg.depth * cfg.balance_alpha:.4f} "
-            f"({cfg.depth} layers x alpha {cfg.balance_alpha}), its floor")
-    log(f"results: {run_dir}")
-
-    # Training loop
-    recipe = Recipe(args.grad_accum, args.global_seed, rank, world, cfg.layer_reg, args.clip_grad,
-                    args.ema_decay, device.type, bf16)
-    raw_model.train()  # label dropout on; the EMA never runs here
-    sums = {}
-    since = step
-    t_start = time.time()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
-            loader = DataLoader(data, local_batch, sampler=order, drop_last=True, pin_memory=device.type == "cuda",
-                                num_workers=0 if isinstance(data, TensorDataset) else args.num_workers)
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                stats = train_step(model, wrapper, ema, opt, objective, x, y, encode, step, recipe)
-                sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
-                step += 1
-                bar.update()
-                save_now = step % args.ckpt_every == 0 or step == total_steps
-                if step % args.log_every == 0 or save_now:
-                    rec = summarize(sums, raw_model, step - since, time.time() - t_start,
-                                    args.global_batch_size, world, device)
-                    check_finite(rec, since, step, last_good, bar)
-                    if rank == 0:
-                        bar.write(log_line(step, rec, cfg.num_experts))
-                        with open(run_dir / "log.jsonl", "a") as f:
-                            f.write(json.dumps(dict(step=step, **rec)) + "\n")
-                    sums = {}
-                    since = step
-                    t_start = time.time()
-                if save_now:
-                    last_good = save(run_dir, raw_model, ema, opt, step, step // steps_per_epoch, cfg, args,
-                                     sharded, last_good)
-                    if rank == 0:
-                        point_latest(run_dir)
-                if step == total_steps:
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        fail(f"interrupted at step {step}; last good checkpoint: {last_good}", alone=True)
-    except DataError as e:  # a file this process could not read; from a loader worker, the message
-        bar.close()         # comes after the worker's traceback: keep its last line
-        fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], alone=True)
-    bar.close()
-    log(f"done at step {step}; EMA weights: {run_dir}/ema.pt")
-
-
-def check_finite(rec, since, step, last_good, bar):
+def check_finite(rec, run, bar):
     """Stop before any checkpoint holds non-finite numbers; the message names the newest good one."""
     losses = [f"{k} {v}" for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"loss ({', '.join(losses)})"] if losses else []
@@ -531,35 +358,287 @@ def check_finite(rec, since, step, last_good, bar):
         problems.append("weights")
     if problems:
         bar.close()  # before the message, so the bar does not draw over it
-        fail(f"non-finite {', '.join(problems)} in steps {since + 1}-{step}; nothing saved; "
-             f"last good checkpoint: {last_good}")
+        fail(f"non-finite {', '.join(problems)} in steps {run.since + 1}-{run.step}; nothing saved; "
+             f"last good checkpoint: {run.last_good}")
+
+
+def log_progress(run, bar, rank, images_per_step, world, device, num_experts):
+    """The log line and log.jsonl record of the steps since the last one, after the finite check."""
+    seconds = time.time() - run.clock
+    rec = summarize(run.sums, run.net, run.step - run.since, seconds, images_per_step, world, device)
+    check_finite(rec, run, bar)
+    reset_meter(run)
+    if rank != 0:
+        return
+    shown = [f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float)]
+    if "load_min" in rec:
+        low = min(rec["load_min"])
+        high = max(rec["load_max"])
+        shown.append(f"expert load {low:.2f}-{high:.2f} (even: {1 / num_experts:.2f})")
+    bar.write(f"step {run.step}: " + ", ".join(shown))
+    with open(run.folder / "log.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=run.step, **rec)) + "\n")
+
+
+def reset_meter(run):
+    run.sums = {}
+    run.since = run.step
+    run.clock = time.time()
+
+
+def save(run, cfg, args, epoch):
+    """A checkpoint and ema.pt, old ones pruned, latest pointed here; a full disk ends the run
+    with one line, the last good checkpoint kept."""
+    info = {"step": run.step, "epoch": epoch, "config": dataclasses.asdict(cfg), "args": vars(args)}
+    try:
+        run.last_good = checkpoint.save(run.folder, run.net, run.ema, run.opt, info, run.sharded)
+    except OSError as e:
+        why = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        fail(f"{why} writing the checkpoint of step {run.step} in {run.folder}; "
+             f"last good checkpoint: {run.last_good}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        checkpoint.prune(run.folder, args.keep_last)
+        point_latest(run.folder)
+
+
+# ----------------------------------------------------------------------------
+# Setting a run up
+# ----------------------------------------------------------------------------
+
+def build_config(args, data_fields):
+    """The model config: the registry entry, the data's shape, then --set; checked on its own
+    and against the data before anything is built."""
+    try:
+        cfg = config_from_name(args.model, **(data_fields | args.set))
+    except ValueError as e:
+        fail(e)
+    error = cfg.check()
+    if error:
+        fail(error)
+    for name in ("input_size", "in_channels", "latent_space"):
+        if getattr(cfg, name) != data_fields[name]:
+            fail(f"--set {name}={getattr(cfg, name)} does not fit the data: "
+                 f"its {name} is {data_fields[name]}")
+    if cfg.num_classes < data_fields["num_classes"]:
+        fail(f"--set num_classes={cfg.num_classes} is fewer than the "
+             f"{data_fields['num_classes']} classes in the data")
+    return cfg
 
 
 def find_resume(path, cfg, log):
-    """(checkpoint, error): the newest finite checkpoint of a run folder, or the file or sharded
-    folder given, checked against this run's config. Every rank looks: on node-local disks one
-    node may lack it."""
-    path = Path(path)
+    """The newest finite checkpoint of a run folder, or the file or sharded folder given, checked
+    against this run's config. Every rank looks: on node-local disks one node may lack it."""
+    found, error = look_for_checkpoint(Path(path), log)
+    if found is not None:
+        info = checkpoint.read_info(found)
+        diff = [f"{k} {info['config'].get(k)} vs {v}" for k, v in dataclasses.asdict(cfg).items()
+                if info["config"].get(k) != v]
+        if diff:
+            error = (f"{found} is a {info['args']['model']} checkpoint that does not fit this run "
+                     f"(checkpoint vs this run: {', '.join(diff)})")
+    fail_if_any(error)
+    return found.resolve()
+
+
+def look_for_checkpoint(path, log):
+    """(checkpoint, None) or (None, why not)."""
     try:
         if (path / "checkpoints").is_dir():
             found = checkpoint.newest_finite(path, note=log)
-            if found is None:
-                return None, f"no finite checkpoint in {path / 'checkpoints'}"
-            path = found
-        elif not path.exists():
+            return (found, None) if found else (None, f"no finite checkpoint in {path / 'checkpoints'}")
+        if not path.exists():
             return None, f"no checkpoint at {path}"
-        elif not checkpoint.is_finite(path):
+        if not checkpoint.is_finite(path):
             return None, f"{path} holds non-finite weights; resume from an earlier checkpoint"
-        info = checkpoint.read_info(path)
+        checkpoint.read_info(path)
+        return path, None
     except (checkpoint.CheckpointError, OSError, RuntimeError, ValueError) as e:
         return None, f"cannot read checkpoint {path} ({e})"
-    diff = [f"{k} {info['config'].get(k)} vs {v}" for k, v in dataclasses.asdict(cfg).items()
-            if info["config"].get(k) != v]
-    if diff:
-        return None, (f"{path} is a {info['args']['model']} checkpoint that does not fit this run "
-                      f"(checkpoint vs this run: {', '.join(diff)})")
-    return path.resolve(), None
 
+
+def build_run(cfg, args, device, bf16, node_size, sharded, checkpointing, resume_from, log):
+    """Model, EMA and AdamW, sharded or DDP-wrapped as planned; a resumed run's state and folder
+    (a new --lr or --weight-decay applies from here on), else a new folder. Collective."""
+    torch.manual_seed(args.global_seed)  # the same initial weights on every rank
+    net = DiT(cfg)
+    if args.init_from and not resume_from:
+        try:
+            log(checkpoint.init_from(net, args.init_from))
+        except checkpoint.CheckpointError as e:
+            fail(e)
+    net.grad_checkpointing = checkpointing
+    with torch.device("meta"):  # the EMA gets storage after sharding: never a second full copy
+        ema = DiT(cfg)
+    if sharded:
+        shard(net, bf16, node_size, device)
+        shard(ema, bf16, node_size, device)
+    net.to(device)
+    ema.to_empty(device=device).requires_grad_(False).load_state_dict(net.state_dict())
+    # fused: one pass over weights, gradients and moments (on CPU 5x faster than the per-op default)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    wrapper = net
+    if dist.is_initialized() and not sharded:  # every expert is used in every step: no unused params
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapper = DDP(net, device_ids=device_ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    model = torch.compile(wrapper) if args.compile else wrapper
+    run = Run(model, wrapper, net, ema, opt, sharded, folder=None, step=0, last_good=None)
+    if resume_from:
+        continue_run(run, resume_from, args, log)
+    run.folder = shared_run_folder(run, args)
+    reset_meter(run)
+    return run
+
+
+def continue_run(run, path, args, log):
+    """The same run continues: its step, its weights and optimizer state, its folder."""
+    info = checkpoint.resume(path, run.net, run.ema, run.opt)
+    run.step = info["step"]
+    run.folder = path.parent.parent
+    run.last_good = path
+    for key in ("lr", "weight_decay"):  # this command's values, recorded in its checkpoints
+        for group in run.opt.param_groups:
+            group[key] = getattr(args, key)
+        if info["args"][key] != getattr(args, key):
+            log(f"--{key.replace('_', '-')} changed from {info['args'][key]} to {getattr(args, key)}")
+    checkpoint.export_ema(run.folder, run.ema, info | {"args": vars(args)}, run.sharded)  # may lag
+
+
+def shared_run_folder(run, args):
+    """Rank 0 names the folder (new, or the resumed one, cleaned of a killed write's leftovers and
+    of log records past the checkpoint) and tells every rank: sharded checkpoints are written by all."""
+    folder = run.folder
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        folder = folder or new_run_folder(args.results_dir, args.model)
+        checkpoint.remove_partial(folder)
+        trim_log(folder, run.step)
+    if dist.is_initialized():
+        shared = [folder]
+        dist.broadcast_object_list(shared)
+        folder = shared[0]
+    return folder
+
+
+def load_data(args, device):
+    """(dataset, encode, data_fields); a data error of any rank (a node whose disk lacks the
+    shards) stops every rank."""
+    try:
+        found = setup_data(args.data_path, args.latents_path, args.image_size, args.vae, device)
+        error = None
+    except DataError as e:
+        found = None
+        error = str(e)
+    fail_if_any(error)
+    return found
+
+
+def batches(data, sampler, step, total_steps, local_batch, device, num_workers):
+    """This process's batches (x, y) on the device from `step` to total_steps: rank r takes
+    samples r, r + world, ... of each epoch's permutation (seeded by the epoch)."""
+    steps_per_epoch = len(sampler) // local_batch
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
+        workers = 0 if isinstance(data, TensorDataset) else num_workers
+        loader = DataLoader(data, local_batch, sampler=order, drop_last=True, num_workers=workers,
+                            pin_memory=device.type == "cuda")
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            step += 1
+            if step == total_steps:
+                return
+
+
+def describe(cfg, args, data, run, plan_, world, node_size, bf16, steps_per_epoch, total_steps, log):
+    """What the run is, before step 1: sizes, batch, the memory plan per GPU."""
+    sharded, checkpointing, mem = plan_
+    mode = "HSDP across nodes" if sharded and world > node_size else "sharded" if sharded \
+        else "DDP" if world > 1 else "single process"
+    mode += f", {'bf16' if bf16 else 'fp32'}" + (", gradient checkpointing" if checkpointing else "")
+    n_params = count(cfg)[0]
+    kind = "latents" if cfg.latent_space else "pixels"
+    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {cfg.num_classes} classes, "
+        f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} {kind}, {len(data)} images")
+    log(f"batch: global {args.global_batch_size} = {world} processes x {args.grad_accum} micro-batches "
+        f"x {args.global_batch_size // world // args.grad_accum}; {steps_per_epoch} steps/epoch; "
+        f"steps {run.step} -> {total_steps}")
+    log(f"memory per process, {mode}: " + " + ".join(f"{k} {v:.2f}" for k, v in mem.items())
+        + f" = {sum(mem.values()):.2f} GB")
+    if cfg.num_experts and cfg.router == "token":  # Eq. 5 at perfect balance: f_i = 1, sum_i P_i = 1
+        log(f"router_loss at perfect balance: {cfg.depth * cfg.balance_alpha:.4f} "
+            f"({cfg.depth} layers x alpha {cfg.balance_alpha}), its floor")
+    log(f"results: {run.folder}")
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+def main(args):
+    # Processes, devices, number format.
+    rank, world, device = launch.setup(args.device)
+    node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # GPUs per node under torchrun
+    bf16 = launch.bf16_default(device, args.precision)
+    if args.global_batch_size % (world * args.grad_accum):
+        fail(f"--global-batch-size {args.global_batch_size} does not split into "
+             f"{world} processes x {args.grad_accum} micro-batches")
+    local_batch = args.global_batch_size // world
+    if args.extract_latents:
+        return extract_latents(args.data_path, args.latents_path, args.image_size, args.vae, local_batch,
+                               args.num_workers, rank, world, device)
+    log = print if rank == 0 else lambda *a: None
+
+    # Data, and the model config that fits it.
+    data, encode, data_fields = load_data(args, device)
+    cfg = build_config(args, data_fields)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed, drop_last=True)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        fail(f"{len(data)} images are fewer than one global batch of {args.global_batch_size}")
+    total_steps = min(args.max_steps or math.inf, (args.epochs or math.inf) * steps_per_epoch)
+
+    # Model, EMA and AdamW, planned to fit the GPU; or the resumed run's.
+    resume_from = find_resume(args.resume, cfg, log) if args.resume else None
+    if args.sharded and world == 1:
+        fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
+    gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else math.inf
+    planned = plan(cfg, local_batch, args.grad_accum, world, node_size, gpu_gb, bf16, args.sharded,
+                   args.grad_checkpointing)  # (sharded, checkpointing, memory estimate)
+    run = build_run(cfg, args, device, bf16, node_size, *planned[:2], resume_from, log)
+    describe(cfg, args, data, run, planned, world, node_size, bf16, steps_per_epoch, total_steps, log)
+
+    # Train: a step, a log line now and then (the only host syncs), a checkpoint now and then.
+    recipe = Recipe(args.grad_accum, args.global_seed, rank, world, cfg.layer_reg, args.clip_grad,
+                    args.ema_decay, device.type, bf16)
+    objective = create_objective(cfg.objective)
+    run.net.train()  # label dropout on; the EMA never runs here
+    bar = tqdm(total=total_steps, initial=run.step, disable=rank != 0, dynamic_ncols=True)
+    try:
+        for x, y in batches(data, sampler, run.step, total_steps, local_batch, device, args.num_workers):
+            stats = train_step(run.model, run.wrapper, run.ema, run.opt, objective, x, y, encode, run.step,
+                               recipe)
+            run.sums = {k: run.sums.get(k, 0) + v for k, v in stats.items()}
+            run.step += 1
+            bar.update()
+            save_now = run.step % args.ckpt_every == 0 or run.step == total_steps
+            if run.step % args.log_every == 0 or save_now:
+                log_progress(run, bar, rank, args.global_batch_size, world, device, cfg.num_experts)
+            if save_now:
+                save(run, cfg, args, run.step // steps_per_epoch)
+    except KeyboardInterrupt:
+        bar.close()
+        fail(f"interrupted at step {run.step}; last good checkpoint: {run.last_good}", alone=True)
+    except DataError as e:  # a file this process could not read; from a loader worker the message
+        bar.close()         # comes after the worker's traceback: its last line
+        fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], alone=True)
+    bar.close()
+    log(f"done at step {run.step}; EMA weights: {run.folder}/ema.pt")
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
 
 def parse_set(items):
     """--set FIELD=VALUE pairs -> {field: value}, each value parsed as its DiTConfig field's type."""

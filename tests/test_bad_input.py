@@ -228,17 +228,19 @@ def test_official_file_missing_a_key_is_one_line(tmp_path, capsys, cut, message)
 def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
     cfg = DiTConfig(**SMALL)
     net = DiT(cfg)
-    ema = DiT(cfg)
     opt = torch.optim.AdamW(net.parameters())
     (tmp_path / "checkpoints").mkdir()
     args = train.parse_args(["--results-dir", str(tmp_path)])
-    good = train.save(tmp_path, net, ema, opt, 1, 0, cfg, args, sharded=False, last_good=None)
+    run = train.Run(net, net, net, DiT(cfg), opt, sharded=False, folder=tmp_path, step=1, last_good=None)
+    train.save(run, cfg, args, epoch=0)
+    good = run.last_good
+    run.step = 2
 
     def full_disk(obj, f):
         f.write(b"PK\x03\x04 part of a zip")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    err = one_line_error(lambda: train.save(tmp_path, net, ema, opt, 2, 0, cfg, args, False, good), capsys)
+    err = one_line_error(lambda: train.save(run, cfg, args, epoch=0), capsys)
     assert f"disk full writing the checkpoint of step 2 in {tmp_path}; last good checkpoint: {good}" in err
     monkeypatch.undo()
     assert torch.load(good, weights_only=True)["step"] == 1
