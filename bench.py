@@ -18,11 +18,12 @@ Speed of the pieces that matter, measured in one run so the ratios hold on a noi
 4. The Frechet distance at d = 2048: evaluate.py's Cholesky route against scipy.linalg.sqrtm.
 Variants are interleaved round by round and each row reports the median over rounds.
 """
+import launch  # noqa: I001  first import: the OpenMP wait policy must be set before torch loads
+
 import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 from diffusion import create_objective
 from model import count, create_model
-from moe import EXPERT_RATIO, SHARED_RATIO, MoE, SwiGLU
 from launch import keep_freed_memory
+from moe import EXPERT_RATIO, SHARED_RATIO, MoE, SwiGLU
 
 
 def sync(device):
@@ -200,17 +201,6 @@ def bench_frechet(args):
             [f"Frechet d={d}", "scipy sqrtm", f"{t['sqrtm']:.2f} s", f"|difference| {gap:.1e}"]]
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def available_device(name):
     """torch.device(name) if this machine has it; else exit with one line."""
     try:
@@ -218,7 +208,7 @@ def available_device(name):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # unknown name; not compiled in or not present
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: --device {name}: not available on this machine ({reason})")
+        launch.fail(f"--device {name}: not available on this machine ({reason})")
     return device
 
 
@@ -226,9 +216,9 @@ SECTIONS = ("moe", "model", "frechet")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = launch.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (seconds)")
-    p.add_argument("--rounds", type=positive_int, default=None,
+    p.add_argument("--rounds", type=launch.positive_int, default=None,
                    help="timed rounds per variant (default 10, quick 2)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

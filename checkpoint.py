@@ -17,6 +17,8 @@ one nn.Linear per expert) and facebookresearch/DiT's released dense models (raw 
 
 Tests: python -m pytest -q tests/test_checkpoint.py
 """
+import launch  # noqa: I001  first import: the OpenMP wait policy must be set before torch loads
+
 import dataclasses
 import json
 import math
@@ -346,15 +348,14 @@ def summarize_keys(keys):
 
 
 if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Write RUN/ema.pt from the newest finite checkpoint of a run "
+    p = launch.Parser(description="Write RUN/ema.pt from the newest finite checkpoint of a run "
                                 "(or from the checkpoint given), e.g. after a sharded run was stopped.")
     p.add_argument("path", help="run folder, or one checkpoint (file or sharded folder) in its checkpoints/")
     args = p.parse_args()
     path = Path(args.path)
     src = newest_finite(path) if (path / "checkpoints").is_dir() else path
     if src is None:
-        raise SystemExit(f"error: no finite checkpoint in {path / 'checkpoints'}")
+        launch.fail(f"no finite checkpoint in {path / 'checkpoints'}")
     info = read_info(src)
     with torch.device("meta"):
         ema = DiT(DiTConfig(**info["config"]))

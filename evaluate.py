@@ -16,6 +16,8 @@ weights, which this script does not download:
 
 Tests: python -m pytest -q tests/test_evaluate.py
 """
+import launch  # noqa: I001  first import: the OpenMP wait policy must be set before torch loads
+
 import argparse
 import json
 import os
@@ -490,12 +492,12 @@ def check_device(name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = launch.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref", help="reference .npz: arr_0 images, optionally stored mu / sigma / mu_s / sigma_s")
     parser.add_argument("sample", help="sample .npz from sample.py: arr_0 uint8 images (N, H, W, 3)")
     parser.add_argument("--inception", default=None,
                         help=f"path of {WEIGHTS_NAME} (default: ./ then $TORCH_HOME/hub/checkpoints/)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward pass")
+    parser.add_argument("--batch-size", type=launch.positive_int, default=100, help="images per Inception forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
@@ -504,8 +506,6 @@ def main():
     args = parser.parse_args()
     try:
         # the arguments and the outputs are checked before the weights load
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
         device = check_device(args.device)
         if args.out:
             check_output(args.out, "--out")
@@ -517,7 +517,7 @@ def main():
             with open_output(args.out, "--out", "w") as f:
                 json.dump(metrics | {"ref": args.ref, "sample": args.sample}, f, indent=2)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        launch.fail(e)
 
 
 if __name__ == "__main__":

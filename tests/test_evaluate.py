@@ -658,33 +658,33 @@ def test_evaluate_uses_stored_statistics_and_cache(tmp_path, fake_inception):
         ev.evaluate(tmp_path / "ref.npz", tmp_path / "big.npz", None, 3, "cpu", cache_ref=cache)
 
 
-def run_main(monkeypatch, *argv):
+def run_main(monkeypatch, capsys, *argv):
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
         ev.main()
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 1 and message.startswith("error: ") and message.count("\n") == 1
     return message
 
 
-def test_cli_bad_input(tmp_path, monkeypatch):
+def test_cli_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     write_images("ok.npz", 5)
     np.savez("noarr.npz", x=np.zeros(3))
-    assert "no arr_0" in run_main(monkeypatch, "ok.npz", "noarr.npz")
+    assert "no arr_0" in run_main(monkeypatch, capsys, "ok.npz", "noarr.npz")
     write_images("big.npz", 5, size=16)
-    assert "8x8 but samples are 16x16" in run_main(monkeypatch, "ok.npz", "big.npz")
+    assert "8x8 but samples are 16x16" in run_main(monkeypatch, capsys, "ok.npz", "big.npz")
     write_images("few.npz", 3)
-    assert "sample set has 3 images" in run_main(monkeypatch, "ok.npz", "few.npz")
-    assert "No such file" in run_main(monkeypatch, "ok.npz", "missing.npz")
+    assert "sample set has 3 images" in run_main(monkeypatch, capsys, "ok.npz", "few.npz")
+    assert "No such file" in run_main(monkeypatch, capsys, "ok.npz", "missing.npz")
     np.save("plain.npy", np.zeros((5, 8, 8, 3), np.uint8))
-    assert "plain.npy is not an .npz file" in run_main(monkeypatch, "ok.npz", "plain.npy")
-    missing = run_main(monkeypatch, "ok.npz", "ok.npz")
+    assert "plain.npy is not an .npz file" in run_main(monkeypatch, capsys, "ok.npz", "plain.npy")
+    missing = run_main(monkeypatch, capsys, "ok.npz", "ok.npz")
     assert ev.WEIGHTS_NAME in missing and ev.WEIGHTS_URL in missing
-    assert "at least 1" in run_main(monkeypatch, "ok.npz", "ok.npz", "--batch-size", "0")
+    assert "--batch-size: 0 is not in [1, inf]" in run_main(monkeypatch, capsys, "ok.npz", "ok.npz", "--batch-size", "0")
     torch.save({"fc.weight": torch.zeros(3)}, "wrong.pth")
-    assert "does not hold the FID Inception weights" in run_main(monkeypatch, "ok.npz", "ok.npz",
+    assert "does not hold the FID Inception weights" in run_main(monkeypatch, capsys, "ok.npz", "ok.npz",
                                                                  "--inception", "wrong.pth")
 
 
