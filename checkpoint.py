@@ -347,24 +347,29 @@ def summarize_keys(keys):
     return ", ".join(f"{part} x{n}" if n > 1 else part for part, n in parts.items())
 
 
-if __name__ == "__main__":
-    p = launch.Parser(description="Write RUN/ema.pt from the newest finite checkpoint of a run "
-                                "(or from the checkpoint given), e.g. after a sharded run was stopped.")
+def export_command(argv=None):
+    """python checkpoint.py RUN_OR_CHECKPOINT: RUN/ema.pt from a run's newest finite checkpoint (or
+    the one given), read in one process, e.g. after a sharded run was stopped before its ema.pt."""
+    p = launch.Parser(description=export_command.__doc__)
     p.add_argument("path", help="run folder, or one checkpoint (file or sharded folder) in its checkpoints/")
-    args = p.parse_args()
-    path = Path(args.path)
-    src = newest_finite(path) if (path / "checkpoints").is_dir() else path
-    if src is None:
-        launch.fail(f"no finite checkpoint in {path / 'checkpoints'}")
-    info = read_info(src)
-    with torch.device("meta"):
-        ema = DiT(DiTConfig(**info["config"]))
-    ema_sd = {k: torch.empty_like(v, device="cpu") for k, v in ema.state_dict().items()}
-    if src.is_dir():  # one process reads every rank's shards into full tensors
-        state = {"ema": ema_sd}
-        dcp.load(state, checkpoint_id=src, no_dist=True)
-    else:
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-    run_dir = src.parent.parent
-    save_ema(run_dir / "ema.pt", state["ema"], info)
-    print(f"wrote {run_dir / 'ema.pt'} from {src}")
+    path = Path(p.parse_args(argv).path)
+    try:
+        src = newest_finite(path) if (path / "checkpoints").is_dir() else path
+        if src is None:
+            raise CheckpointError(f"no finite checkpoint in {path / 'checkpoints'}")
+        info = read_info(src)
+        with torch.device("meta"):
+            ema = DiT(DiTConfig(**info["config"]))
+        if src.is_dir():  # one process reads every rank's shards into full tensors
+            state = {"ema": {k: torch.empty_like(v, device="cpu") for k, v in ema.state_dict().items()}}
+            dcp.load(state, checkpoint_id=src, no_dist=True)
+        else:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        save_ema(src.parent.parent / "ema.pt", state["ema"], info)
+    except (CheckpointError, OSError, RuntimeError, KeyError) as e:
+        launch.fail(f"cannot export the EMA of {path}: {e}")
+    print(f"wrote {src.parent.parent / 'ema.pt'} from {src}")
+
+
+if __name__ == "__main__":
+    export_command()
