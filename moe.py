@@ -115,7 +115,8 @@ class MoE(nn.Module):
         "router_hidden", what the gating head read; no side effects. token indexes the N*T rows;
         expert E marks a race loser."""
         with no_autocast(x.device.type):  # routing in float32, autocast or not
-            hidden = x if self.router_mlp is None else self.router_mlp(x)  # (N, T, D); PLR: the MLP's
+            # PLR: the router MLP's hidden layer, else x itself
+            hidden = x if self.router_mlp is None else self.router_mlp(x)  # (N, T, D)
             logits = self.router(hidden)  # (N, T, E), float32
             rule = {"token": self.route_token, "expert": self.route_expert, "race": self.route_race}
             token, expert, weight, aux = rule[self.routing](logits)
@@ -139,7 +140,8 @@ class MoE(nn.Module):
     def route_expert(self, logits):
         """Per image, each expert takes its C = ceil(f T K / E) most probable tokens (softmax
         weights); listed as (E, N, C). A = N * E * C."""
-        (N, T, E), K = logits.shape, self.top_k
+        N, T, E = logits.shape
+        K = self.top_k
         # per image: batch mates never push each other out, and sampling uses the same rule
         capacity = min(T, math.ceil(self.capacity_factor * T * K / E))
         scores = logits.softmax(dim=-1)  # (N, T, E)
@@ -153,7 +155,8 @@ class MoE(nn.Module):
     def route_race(self, logits):
         """Identity gating. Training: the N*T*K largest of all N*T*E logits win. Inference: a pair
         runs iff its logit beats the threshold (per token); all N*T*E are listed, losers as E."""
-        (N, T, E), K = logits.shape, self.top_k
+        N, T, E = logits.shape
+        K = self.top_k
         pair = torch.arange(N * T * E, device=logits.device)  # p = (token p // E, expert p % E)
         if not self.training:
             expert = torch.where(logits.flatten() > self.threshold, pair % E, E)
@@ -212,7 +215,8 @@ class MoE(nn.Module):
     def padded_experts(self, x, token, expert, weight):
         """Each expert's rows padded to the worst case, all NT tokens: every expert on every
         token, unchosen pairs weighted 0 (exact). Two matmuls, E/K times the routed FLOPs."""
-        (NT, D), E = x.shape, self.num_experts
+        NT, D = x.shape
+        E = self.num_experts
         H = self.w_down.shape[1]
         combine = weight.new_zeros(NT, E + 1).index_put_((token, expert), weight)[:, :E]  # (NT, E)
         w_gate_up = self.w_gate_up.transpose(0, 1).reshape(D, E * 2 * H)  # expert-major columns
@@ -222,7 +226,8 @@ class MoE(nn.Module):
 
     def batched_experts(self, x, token, weight):
         """Expert choice: E groups of exactly N*C rows, as batched matmuls."""
-        E, D = self.num_experts, x.shape[1]
+        E = self.num_experts
+        D = x.shape[1]
         h = torch.bmm(x.index_select(0, token).view(E, -1, D), self.w_gate_up)  # (E, N*C, 2H)
         gate, up = h.chunk(2, dim=-1)
         h = torch.bmm(F.silu(gate) * up, self.w_down).view(-1, D)  # (A, D)
@@ -250,7 +255,7 @@ class SwiGLU(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        hidden, dim = self.down.weight.shape[1], self.down.weight.shape[0]
+        dim, hidden = self.down.weight.shape  # nn.Linear(hidden, dim)
         _uniform_(self.gate_up.weight, dim, hidden)
         _uniform_(self.down.weight, hidden, dim)
 
