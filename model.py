@@ -36,14 +36,19 @@ class DiTConfig:
     num_heads: int = 6
     patch_size: int = 2
     num_experts: int = 8             # E routed experts per block; 0 = dense DiT (GELU MLP)
-    mlp_ratio: float = 4.0           # dense MLP width / D (DiT: 4; 15 matches T/2-4E2A's active FLOPs)
+    mlp_ratio: float = 4.0           # dense MLP width / D (DiT: 4;
+                                     # 15 matches T/2-4E2A's active FLOPs)
     top_k: int = 2                   # K experts per token
-    shared_hidden: int | None = None # width of the shared SwiGLU expert: None = 2D (paper n_s = 2), 0 = none
-    router: str = "token"            # "token" (DiT-MoE), "expert" (EC-DiT) or "race" (Race-DiT): moe.py
+    shared_hidden: int | None = None # width of the shared SwiGLU expert:
+                                     # None = 2D (paper n_s = 2), 0 = none
+    router: str = "token"            # "token" (DiT-MoE), "expert" (EC-DiT)
+                                     # or "race" (Race-DiT): moe.py
     balance_alpha: float = 0.05      # Eq. 5 alpha (paper value; the official code used 0.01)
-    capacity_factor: float = 1.0     # expert choice: each expert takes ceil(f T K / E) tokens per image
+    capacity_factor: float = 1.0     # expert choice: each expert takes
+                                     # ceil(f T K / E) tokens per image
     similarity_beta: float = 0.01    # race: weight of the router similarity loss (moe.py)
-    layer_reg: float = 0.0           # > 0: Race-DiT's per-layer regularisation (router MLP + target head), its weight
+    layer_reg: float = 0.0           # > 0: Race-DiT's per-layer regularisation
+                                     # (router MLP + target head), its weight
     input_size: int = 32             # latent height = width (256px images / VAE factor 8)
     in_channels: int = 4             # C
     num_classes: int = 1000
@@ -51,7 +56,8 @@ class DiTConfig:
     learn_sigma: bool = True         # output 2C channels: prediction + variance interpolation
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
     objective: str = "ddpm"          # what the output means: "ddpm" (epsilon) or "rf" (velocity)
-    latent_space: bool = True        # inputs are SD-VAE latents (x 0.18215); False: pixels in [-1, 1]
+    latent_space: bool = True        # inputs are SD-VAE latents (x 0.18215);
+                                     # False: pixels in [-1, 1]
 
     @property
     def out_channels(self):
@@ -63,28 +69,37 @@ class DiTConfig:
 
     def check(self):
         """The first field value that cannot build a network, as one line; None when all can."""
-        D, E = self.hidden_size, self.num_experts
+        D = self.hidden_size
+        E = self.num_experts
         rules = [
             (self.depth >= 1, "depth must be >= 1"),
-            (self.num_heads >= 1 and D % self.num_heads == 0, "hidden_size must split into num_heads heads"),
-            (D >= 4 and D % 4 == 0, "hidden_size must be a multiple of 4 (the 2-D sin-cos position table)"),
+            (self.num_heads >= 1 and D % self.num_heads == 0,
+             "hidden_size must split into num_heads heads"),
+            (D >= 4 and D % 4 == 0,
+             "hidden_size must be a multiple of 4 (the 2-D sin-cos position table)"),
             (E >= 0, "num_experts must be >= 0 (0: dense DiT)"),
-            (not E or D % 8 == 0, "hidden_size of an MoE must be a multiple of 8 (grouped GEMM alignment)"),
+            (not E or D % 8 == 0,
+             "hidden_size of an MoE must be a multiple of 8 (grouped GEMM alignment)"),
             (not E or 1 <= self.top_k <= E, "top_k must be between 1 and num_experts"),
-            (self.shared_hidden is None or self.shared_hidden >= 0, "shared_hidden must be >= 0 (0: none)"),
+            (self.shared_hidden is None or self.shared_hidden >= 0,
+             "shared_hidden must be >= 0 (0: none)"),
             (E or self.mlp_ratio > 0, "mlp_ratio must be > 0"),
             (self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
             (self.capacity_factor > 0, "capacity_factor must be > 0"),
-            (E or not self.layer_reg, "layer_reg (Race-DiT's per-layer regularisation) needs an MoE router"),
+            (E or not self.layer_reg,
+             "layer_reg (Race-DiT's per-layer regularisation) needs an MoE router"),
             (min(self.balance_alpha, self.similarity_beta, self.layer_reg) >= 0,
              "balance_alpha, similarity_beta and layer_reg must be >= 0"),
             (0 <= self.class_dropout_prob < 1, "class_dropout_prob must be in [0, 1)"),
-            (self.patch_size >= 1 and self.input_size % self.patch_size == 0 and self.input_size >= 1,
+            (self.patch_size >= 1 and self.input_size % self.patch_size == 0
+             and self.input_size >= 1,
              "input_size must be a positive multiple of patch_size"),
-            (self.in_channels >= 1 and self.num_classes >= 1, "in_channels and num_classes must be >= 1"),
+            (self.in_channels >= 1 and self.num_classes >= 1,
+             "in_channels and num_classes must be >= 1"),
         ]
-        return next((f"model config: {msg} (got {self.short()})" for ok, msg in rules if not ok), None)
+        return next((f"model config: {msg} (got {self.short()})" for ok, msg in rules if not ok),
+                    None)
 
     def short(self):
         """The fields that differ from the defaults, as `name=value` pairs."""
@@ -112,11 +127,13 @@ def sincos_1d(dim, pos):
 def sincos_2d(dim, grid):
     # Fixed 2-D position table (grid*grid, dim): first half codes the column, second the row.
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], 1).float()
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()),
+                      sincos_1d(dim // 2, rows.flatten())], 1).float()
 
 
 def timestep_embedding(t, dim=256, max_period=10000):
-    # Sinusoidal code of scalar timesteps (N,) -> (N, dim) = [cos(t f), sin(t f)]; t may be fractional.
+    # Sinusoidal code of scalar timesteps (N,) -> (N, dim) = [cos(t f), sin(t f)];
+    # t may be fractional.
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     args = t[:, None].float() * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
@@ -140,7 +157,8 @@ class LabelEmbedder(nn.Module):
     """Class table with one extra row (index num_classes) for the null class of CFG."""
     def __init__(self, num_classes, dim, dropout_prob):
         super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
 
     def forward(self, y):
@@ -173,7 +191,8 @@ class Mlp(nn.Module):
     """DiT's dense MLP (Eq. 4): fc2(gelu(fc1(x))), width 4D in DiT. Used by the dense sizes."""
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -192,7 +211,8 @@ class DiTBlock(nn.Module):
         self.attn = Attention(D, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         if cfg.num_experts:
-            plr = cfg.patch_size ** 2 * cfg.in_channels if cfg.layer_reg > 0 else 0  # the target's patch
+            # PLR's head predicts the target's patch, p*p*C values; 0: no head
+            plr = cfg.patch_size ** 2 * cfg.in_channels if cfg.layer_reg > 0 else 0
             self.moe = MoE(D, cfg.num_experts, cfg.top_k, shared_hidden=cfg.shared_hidden,
                            router=cfg.router, balance_alpha=cfg.balance_alpha,
                            capacity_factor=cfg.capacity_factor, similarity_beta=cfg.similarity_beta,
@@ -203,7 +223,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         # x (N, T, D), c (N, D) -> x (N, T, D) and the MoE's aux (router_loss, load); dense: empty
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (N, D)
+        # adaLN-Zero's six modulations, each (N, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
         if not hasattr(self, "moe"):
@@ -231,16 +252,19 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    """Patchify + position table, t and y embedded into c, depth adaLN-Zero blocks, final layer, unpatchify."""
+    """Patchify + position table, t and y embedded into c, depth adaLN-Zero blocks, final layer,
+    unpatchify."""
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        D, p = cfg.hidden_size, cfg.patch_size
+        D = cfg.hidden_size
+        p = cfg.patch_size
         self.x_embedder = nn.Module()  # a shell, so the key stays DiT's x_embedder.proj.*
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
-        # Fixed, not trained: a buffer, so optimizers and EMA never see it (still saved as "pos_embed").
+        # Fixed, not trained: a buffer, so optimizers and EMA never see it
+        # (still saved as "pos_embed").
         self.register_buffer("pos_embed", sincos_2d(D, cfg.input_size // p).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
@@ -249,7 +273,8 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         # DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zeroed adaLN and output layers.
-        # The MoE layers initialised themselves as the official code does (moe.MoE.reset_parameters).
+        # The MoE layers initialised themselves as the official code does
+        # (moe.MoE.reset_parameters).
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and ".moe." not in name:
                 nn.init.xavier_uniform_(m.weight)
@@ -271,7 +296,8 @@ class DiT(nn.Module):
     def unpatchify(self, x):
         # (N, T, p*p*C) -> (N, C, H, W) with T = (H/p) * (W/p); C is 2C for the model output
         N, T, _ = x.shape
-        p, h = self.cfg.patch_size, math.isqrt(T)
+        p = self.cfg.patch_size
+        h = math.isqrt(T)
         C = x.shape[2] // p ** 2
         x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
         return x.reshape(N, C, h * p, h * p)
@@ -279,9 +305,10 @@ class DiT(nn.Module):
     def forward(self, x, t, y, return_aux=False):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
-        Returns (N, 2C, H, W); with return_aux also {"router_loss": summed router loss of all layers,
-        "load": (L, E) assignments per expert per layer}, and "layer_preds": (L, N, C, H, W), each
-        layer's prediction of the diffusion target (Race-DiT's PLR), when cfg.layer_reg > 0.
+        Returns (N, 2C, H, W); with return_aux also {"router_loss": summed router loss of all
+        layers, "load": (L, E) assignments per expert per layer}, and "layer_preds":
+        (L, N, C, H, W), each layer's prediction of the diffusion target (Race-DiT's PLR), when
+        cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
@@ -317,7 +344,8 @@ class DiT(nn.Module):
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)                       # (2N, 2C, H, W)
         G = self.cfg.in_channels if guided_channels is None else guided_channels
-        guide, rest = out[:, :G], out[:, G:]
+        guide = out[:, :G]
+        rest = out[:, G:]
         cond, uncond = guide.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
@@ -359,8 +387,11 @@ def count(cfg):
     with torch.device("meta"):
         net = DiT(cfg)
     total = sum(p.numel() for p in net.parameters())
-    T, K, E = cfg.num_tokens, cfg.top_k, cfg.num_experts
-    experts = sum(m.w_gate_up.numel() + m.w_down.numel() for m in net.modules() if isinstance(m, MoE))
+    T = cfg.num_tokens
+    K = cfg.top_k
+    E = cfg.num_experts
+    experts = sum(m.w_gate_up.numel() + m.w_down.numel()
+                  for m in net.modules() if isinstance(m, MoE))
     active = total - experts * (E - K) // max(E, 1)  # a token runs K of the E routed experts
     per_image = 0  # the conditioning: adaLN and t-embedder MLPs run once per image
     per_token = net.x_embedder.proj.weight.numel() + experts * K // max(E, 1)
