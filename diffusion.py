@@ -11,7 +11,8 @@ code (feizhengcong/DiT-MoE) with an Euler sampler. Only the paths we use are her
     obj = create_objective("ddpm")                                   # or "rf"
     t, x_t, noise = obj.training_inputs(x0)                          # t is what the model embeds
     terms = obj.training_losses(model(x_t, t, y), x0, x_t, t, noise) # terms["loss"]: (N,)
-    x = obj.sample(model_fn, torch.randn(N, 4, 32, 32), sampler="ddpm", num_steps=250, progress=True)
+    x = obj.sample(model_fn, torch.randn(N, 4, 32, 32), sampler="ddpm", num_steps=250,
+                   progress=True)
 
 Tests: python -m pytest -q tests/test_diffusion.py
 """
@@ -58,7 +59,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     b = torch.where(above, -lower, upper)
     log_cdf_b = torch.special.log_ndtr(b)
     log_bin = log_cdf_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_cdf_b))
-    log_prob = torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_bin))
+    log_prob = torch.where(x < -0.999, log_left_edge,
+                           torch.where(x > 0.999, log_right_edge, log_bin))
     return log_prob.clamp(min=math.log(1e-12))
 
 
@@ -70,7 +72,8 @@ def _gather(table, i, x):
 
 
 def _check_sampler(sampler, valid, objective):
-    """None -> the objective's default sampler (the first valid one); an unknown name -> ValueError."""
+    """None -> the objective's default sampler (the first valid one);
+    an unknown name -> ValueError."""
     if sampler is None:
         return valid[0]
     if sampler not in valid:
@@ -130,13 +133,16 @@ class GaussianDiffusion:
             # DiT keeps only t = 0 here and then fails in p_mean_variance with an IndexError: a
             # one-step schedule has no t = 1 to clip the posterior log variance to
             raise ValueError("respacing=1 keeps only timestep 0 (as DiT's space_timesteps does), "
-                             "from which no sampler can run (DiT fails there too); use 2 or more steps")
+                             "from which no sampler can run (DiT fails there too); "
+                             "use 2 or more steps")
         if respacing is not None:
-            # evenly strided steps from 0 to T-1, exactly DiT's (e.g. "250"); new betas keep the kept
-            # alpha-bars: 1 - beta'_k = abar[t_k] / abar[t_{k-1}] (Nichol & Dhariwal 2021 Sec. 4)
+            # evenly strided steps from 0 to T-1, exactly DiT's (e.g. "250"); new betas keep
+            # the kept alpha-bars: 1 - beta'_k = abar[t_k] / abar[t_{k-1}]
+            # (Nichol & Dhariwal 2021 Sec. 4)
             self.timestep_map = torch.tensor(space_timesteps(num_timesteps, respacing))
             alphas_cumprod = alphas_cumprod[self.timestep_map]
-            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64),
+                                                    alphas_cumprod[:-1]])
         self.num_timesteps = len(betas)
 
         abar = alphas_cumprod
@@ -194,7 +200,8 @@ class GaussianDiffusion:
                 - _gather(tab.sqrt_recipm1_alphas_cumprod, i, x_t) * eps)
 
     def p_mean_variance(self, out, x_t, i):
-        """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t) from model output (N, 2C or C, ...)."""
+        """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t) from model output
+        (N, 2C or C, ...)."""
         tab = self.tables(x_t.device)
         C = x_t.shape[1]
         # narrow(1, 0, C) is out[:, :C]; see _gather for why not the indexing
@@ -207,7 +214,8 @@ class GaussianDiffusion:
             min_log = _gather(tab.posterior_log_variance_clipped, i, x_t)
             log_var = frac * _gather(tab.log_betas, i, x_t) + (1 - frac) * min_log
         else:
-            # no variance channels: fixed sigma_t^2 = beta_t (Ho et al. 2020 Sec. 3.2, DiT's default)
+            # no variance channels: fixed sigma_t^2 = beta_t
+            # (Ho et al. 2020 Sec. 3.2, DiT's default)
             log_var = _gather(tab.log_betas, i, x_t)
         return mean, log_var, pred_x0
 
@@ -224,14 +232,16 @@ class GaussianDiffusion:
         return noise
 
     def training_losses(self, out, x0, x_t, t, noise):
-        """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: dict of (N,) "loss" = "mse" + "vb".
+        """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: dict of (N,)
+        "loss" = "mse" + "vb".
 
         t: the timesteps the model saw (original indices, as training_inputs returns them).
         """
         i = torch.searchsorted(self.tables(t.device).timestep_map, t)  # back to the internal index
         C = x0.shape[1]
         eps = out.narrow(1, 0, C)  # (N, C, H, W)
-        terms = {"mse": mean_flat((self.target(x0, noise) - eps) ** 2)}  # L_simple, Ho et al. Eq. 14
+        # L_simple, Ho et al. Eq. 14
+        terms = {"mse": mean_flat((self.target(x0, noise) - eps) ** 2)}
         if out.shape[1] == 2 * C:
             # L_vlb trains only the variance: with eps detached, the mean is learned by L_simple
             # alone (IDDPM Sec. 3.1, "stop-gradient" on the mean)
@@ -239,18 +249,22 @@ class GaussianDiffusion:
             mean, log_var, _ = self.p_mean_variance(frozen, x_t, i)
             true_mean, true_log_var = self.q_posterior(x0, x_t, i)
             kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
-            # at t = 0 the term is the decoder NLL -log p(x_0 | x_1) (Ho et al. 2020 Eq. 13); in bits per dim
-            nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+            # at t = 0 the term is the decoder NLL -log p(x_0 | x_1) (Ho et al. 2020 Eq. 13);
+            # in bits per dim
+            nll = (-mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+                   / math.log(2.0))
             # one uniform step estimates L_vlb / T; times T / 1000 it is L_vlb / 1000 for any T, the
             # lambda = 0.001 weight of Eq. 16 (a no-op at DiT's T = 1000, which it trains with)
             terms["vb"] = torch.where(i == 0, nll, kl) * (self.num_timesteps / 1000)
         else:
-            terms["vb"] = torch.zeros_like(terms["mse"])  # fixed variance: nothing for L_vlb to train
+            # fixed variance: nothing for L_vlb to train
+            terms["vb"] = torch.zeros_like(terms["mse"])
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
 
     def _reverse_steps(self, x, progress):
-        """From the last step down to 0: (i, i_n, t_n) = the index, it as (N,), the model's timesteps (N,)."""
+        """From the last step down to 0: (i, i_n, t_n) = the index, it as (N,),
+        the model's timesteps (N,)."""
         timestep_map = self.tables(x.device).timestep_map
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
             i_n = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # a fill, no copy
@@ -276,7 +290,8 @@ class GaussianDiffusion:
             pred_x0 = self.pred_x0(x, i_n, eps)
             abar = _gather(tab.alphas_cumprod, i_n, x)
             abar_prev = _gather(tab.alphas_cumprod_prev, i_n, x)
-            # Song et al. 2021 Eq. 16; eta = 1 makes sigma^2 the posterior variance of Ho et al. Eq. 7
+            # Song et al. 2021 Eq. 16; eta = 1 makes sigma^2 the posterior variance of
+            # Ho et al. Eq. 7
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             x = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
             if i > 0 and eta > 0:
@@ -289,7 +304,8 @@ class GaussianDiffusion:
         if num_steps == self.num_timesteps:
             return self
         if num_steps not in self._respaced:
-            self._respaced[num_steps] = GaussianDiffusion(self.base_num_timesteps, respacing=num_steps)
+            self._respaced[num_steps] = GaussianDiffusion(self.base_num_timesteps,
+                                                          respacing=num_steps)
         return self._respaced[num_steps]
 
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
@@ -333,23 +349,27 @@ class RectifiedFlow:
         return noise - x0
 
     def training_losses(self, out, x0, x_t, t, noise):
-        """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out are used."""
+        """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out
+        are used."""
         rf = mean_flat((self.target(x0, noise) - out.narrow(1, 0, x0.shape[1])) ** 2)
         return {"loss": rf, "rf": rf}
 
     @torch.no_grad()
     def euler_sample_loop(self, model_fn, noise, num_steps, progress=False):
-        """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0 in num_steps equal steps."""
+        """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0,
+        in num_steps equal steps."""
         z = noise
         dt = 1.0 / num_steps
         for k in tqdm(range(num_steps, 0, -1), disable=not progress):
-            t = torch.full((z.shape[0],), k / num_steps, device=z.device, dtype=z.dtype)  # a fill, no copy
+            # a fill, no copy
+            t = torch.full((z.shape[0],), k / num_steps, device=z.device, dtype=z.dtype)
             z = z - dt * model_fn(z, t).narrow(1, 0, z.shape[1])
         return z
 
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
                progress=False):
-        """Same signature as GaussianDiffusion.sample; Euler is deterministic, so eta and randn are unused."""
+        """Same signature as GaussianDiffusion.sample; Euler is deterministic, so eta and randn
+        are unused."""
         _check_sampler(sampler, self.samplers, "rf")
         return self.euler_sample_loop(model_fn, noise, num_steps or self.default_steps, progress)
 
