@@ -493,14 +493,16 @@ def cell(stat, digits=4):
 def tables(summary):
     """Markdown: a table per group (mean ± std over seeds), then every claim's verdicts."""
     lines = []
+    titles = [title for title, _ in METRICS.values()]
     for group, source, names in shown_groups(summary["configs"]):
         lines += [f"### {group} ({source})", "",
-                  "| configuration | " + " | ".join(title for title, _ in METRICS.values()) + " |",
-                  "|---" * (len(METRICS) + 1) + "|"]
+                  "| configuration | params (active) | " + " | ".join(titles) + " |",
+                  "|---" * (len(titles) + 2) + "|"]
         for c in names:
-            stats = summary["configs"][c]["stats"]
-            lines.append(f"| {c} | " + " | ".join(cell(stats[m], 4 if m == "final_loss" else 3)
-                                                 for m in METRICS) + " |")
+            config = summary["configs"][c]
+            row = [c, f"{config['params'] / 1e6:.2f}M ({config['active_params'] / 1e6:.2f}M)"]
+            row += [cell(config["stats"][m], 4 if m == "final_loss" else 3) for m in METRICS]
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if summary["claims"]:
         lines += ["### claims (A: claimed better, B: the other)", "",

@@ -55,6 +55,15 @@ def test_quick_writes_every_result(quick):
     for name in ["ablation-loss.png", "ablation-samples.png", "ablation-race-experts-per-token.png"]:
         assert 0 < (out / name).stat().st_size < 300_000
     assert "±" in (out / "ablation.md").read_text() and "±" in stdout
+    assert stdout.count("trained in") == 4  # each configuration once per seed
+
+
+def test_each_configuration_trains_once():
+    # groups and claims name configurations; no two names may hide the same flags (trained twice)
+    assert len({tuple(flags) for flags in compare.CONFIGS.values()}) == len(compare.CONFIGS)
+    named = {c for _, names in compare.GROUPS.values() for c in names}
+    named |= {c for claim in compare.CLAIMS for c in claim[2:4]}
+    assert named == set(compare.CONFIGS)
 
 
 def test_quick_mean_std_and_verdicts_from_the_seeds(quick):
