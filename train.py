@@ -15,8 +15,9 @@ refusal that names the flags that would fit. bf16 autocast on GPUs, fp32 on CPUs
     torchrun --nproc_per_node=8 train.py --model S/2-8E2A --latents-path /data/in256 \
         --global-batch-size 1024 --lr 1e-4 --ema-decay 0.9999 --max-steps 500000 --ckpt-every 50000
     # XL/2-8E2A on 8 x 80 GB: the plan shards it and checkpoints activations by itself
-    torchrun --nproc_per_node=8 train.py --model XL/2-8E2A --set objective=rf --latents-path /data/in256 \
-        --global-batch-size 1024 --lr 1e-4 --ema-decay 0.9999 --max-steps 500000 --ckpt-every 50000
+    torchrun --nproc_per_node=8 train.py --model XL/2-8E2A --set objective=rf \
+        --latents-path /data/in256 --global-batch-size 1024 --lr 1e-4 --ema-decay 0.9999 \
+        --max-steps 500000 --ckpt-every 50000
 
     # two nodes of 8 GPUs (a filesystem both see; HOST = node 0's address, NODE = 0 or 1)
     torchrun --nnodes=2 --node_rank=$NODE --nproc_per_node=8 --rdzv-backend=c10d \
@@ -61,7 +62,8 @@ from tqdm import tqdm
 import checkpoint
 from data import VAE, DataError, extract_latents, setup_data
 from diffusion import create_objective
-from launch import fail, fail_if_any, nonnegative_float, nonnegative_int, positive_float, positive_int, ranged
+from launch import (fail, fail_if_any, nonnegative_float, nonnegative_int, positive_float,
+                    positive_int, ranged)
 from model import DiT, DiTBlock, DiTConfig, config_from_name, count
 from moe import max_violation
 
@@ -104,33 +106,38 @@ def memory_estimate(cfg, micro_batch, world, node_size, bf16, sharded, checkpoin
         weight_copies = 2 * 2 * n_params / cfg.depth
     blocks_kept = 1 if checkpointing else cfg.depth  # checkpointing keeps one block's, recomputed
     inputs = cfg.depth * 4 * cfg.num_tokens * cfg.hidden_size * micro_batch if checkpointing else 0
-    gb = {"weights": 4 * n_params / shards, "grads": 4 * n_params / shards, "AdamW": 8 * n_params / shards,
-          "EMA": 4 * n_params / shards,
+    gb = {"weights": 4 * n_params / shards, "grads": 4 * n_params / shards,
+          "AdamW": 8 * n_params / shards, "EMA": 4 * n_params / shards,
           "activations": blocks_kept * per_block * micro_batch + inputs,
           "bf16 weights": weight_copies * (1 if sharded else blocks_kept),
-          "backward of a block": per_block * micro_batch}  # the transient peak of one block's backward
+          # the transient peak of one block's backward
+          "backward of a block": per_block * micro_batch}
     return {k: v / 1e9 for k, v in gb.items()}
 
 
-def plan(cfg, local_batch, accum, world, node_size, gpu_gb, bf16, force_sharded, force_checkpointing):
+def plan(cfg, local_batch, accum, world, node_size, gpu_gb, bf16, force_sharded,
+         force_checkpointing):
     """(sharded, checkpointing, estimate): the first of DDP, DDP + checkpointing, sharded, sharded +
     checkpointing whose estimate fits 90% of the GPU (gpu_gb; inf on CPU), among those the flags
     allow; else a refusal that names the --grad-accum that would fit."""
     budget = 0.9 * gpu_gb
     options = [(s, c) for s in (False, True) for c in (False, True)
-               if (s or not force_sharded) and (c or not force_checkpointing) and (world > 1 or not s)]
+               if (s or not force_sharded) and (c or not force_checkpointing)
+               and (world > 1 or not s)]
     for sharded, checkpointing in options:
-        est = memory_estimate(cfg, local_batch // accum, world, node_size, bf16, sharded, checkpointing)
+        est = memory_estimate(cfg, local_batch // accum, world, node_size, bf16, sharded,
+                              checkpointing)
         if sum(est.values()) <= budget:
             return sharded, checkpointing, est
     for more in (2, 4, 8, 16, 32, 64, 128):
         micro_batch = local_batch // (accum * more)
         est = memory_estimate(cfg, max(micro_batch, 1), world, node_size, bf16, world > 1, True)
         if micro_batch >= 1 and sum(est.values()) <= budget:
-            fail(f"{local_batch // accum} images per GPU and micro-batch do not fit {gpu_gb:.0f} GB even "
-                 f"{'sharded and ' if world > 1 else ''}with --grad-checkpointing: "
-                 f"add --grad-accum {accum * more}")
-    fail(f"this model does not fit {gpu_gb:.0f} GB per GPU even at 1 image per micro-batch: use more GPUs")
+            fail(f"{local_batch // accum} images per GPU and micro-batch do not fit "
+                 f"{gpu_gb:.0f} GB even {'sharded and ' if world > 1 else ''}"
+                 f"with --grad-checkpointing: add --grad-accum {accum * more}")
+    fail(f"this model does not fit {gpu_gb:.0f} GB per GPU even at 1 image per micro-batch: "
+         "use more GPUs")
 
 
 # ----------------------------------------------------------------------------
@@ -147,12 +154,14 @@ def shard(net, bf16, node_size, device):
     in fp32) and the root's embedders and final layer (not all cast by autocast) stay fp32."""
     world = dist.get_world_size()
     if world > node_size:
-        mesh = init_device_mesh(device.type, (world // node_size, node_size), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(device.type, (world // node_size, node_size),
+                                mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    half = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32,
                                 cast_forward_inputs=False)
+    half = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in net.blocks:
         for router in ("router", "router_mlp") if hasattr(block, "moe") else ():
             if getattr(block.moe, router) is not None:
@@ -168,7 +177,8 @@ def update_ema(ema, model, decay):
     # buffer). Sharded, each rank updates its own shards: the same arithmetic, element by element.
     local = lambda net: [p.to_local() if isinstance(p, DTensor) else p for p in net.parameters()]
     torch._foreach_lerp_(local(ema), local(model), 1 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):  # running statistics (race thresholds): copied
+    # running statistics (race thresholds): copied
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
 
@@ -334,7 +344,8 @@ def summarize(sums, net, steps, seconds, images_per_step, world, device):
     rec["skipped"] = round(flat[-2].item() / world)  # every process skips the same steps
     rec["non_finite_weights"] = bool(flat[-1] > 0)
     share = flat[len(terms):-2].view(load.shape)
-    share = share / share.sum(1, keepdim=True).clamp(min=1)  # (L, E): an expert's share of its layer
+    # (L, E): an expert's share of its layer
+    share = share / share.sum(1, keepdim=True).clamp(min=1)
     if share.numel():
         rec["load_min"] = share.min(1).values.tolist()
         rec["load_max"] = share.max(1).values.tolist()
@@ -349,7 +360,8 @@ def summarize(sums, net, steps, seconds, images_per_step, world, device):
 
 
 def check_finite(rec, run, bar):
-    """Stop before any checkpoint holds non-finite numbers; the message names the newest good one."""
+    """Stop before any checkpoint holds non-finite numbers; the message names the newest good
+    one."""
     losses = [f"{k} {v}" for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"loss ({', '.join(losses)})"] if losses else []
     if rec["skipped"]:
@@ -358,14 +370,15 @@ def check_finite(rec, run, bar):
         problems.append("weights")
     if problems:
         bar.close()  # before the message, so the bar does not draw over it
-        fail(f"non-finite {', '.join(problems)} in steps {run.since + 1}-{run.step}; nothing saved; "
-             f"last good checkpoint: {run.last_good}")
+        fail(f"non-finite {', '.join(problems)} in steps {run.since + 1}-{run.step}; "
+             f"nothing saved; last good checkpoint: {run.last_good}")
 
 
 def log_progress(run, bar, rank, images_per_step, world, device, num_experts):
     """The log line and log.jsonl record of the steps since the last one, after the finite check."""
     seconds = time.time() - run.clock
-    rec = summarize(run.sums, run.net, run.step - run.since, seconds, images_per_step, world, device)
+    rec = summarize(run.sums, run.net, run.step - run.since, seconds, images_per_step, world,
+                    device)
     check_finite(rec, run, bar)
     reset_meter(run)
     if rank != 0:
@@ -445,7 +458,8 @@ def look_for_checkpoint(path, log):
     try:
         if (path / "checkpoints").is_dir():
             found = checkpoint.newest_finite(path, note=log)
-            return (found, None) if found else (None, f"no finite checkpoint in {path / 'checkpoints'}")
+            return ((found, None) if found
+                    else (None, f"no finite checkpoint in {path / 'checkpoints'}"))
         if not path.exists():
             return None, f"no checkpoint at {path}"
         if not checkpoint.is_finite(path):
@@ -475,11 +489,14 @@ def build_run(cfg, args, device, bf16, node_size, sharded, checkpointing, resume
     net.to(device)
     ema.to_empty(device=device).requires_grad_(False).load_state_dict(net.state_dict())
     # fused: one pass over weights, gradients and moments (on CPU 5x faster than the per-op default)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=True)
     wrapper = net
-    if dist.is_initialized() and not sharded:  # every expert is used in every step: no unused params
+    # DDP: every expert is used in every step, so no unused parameters to look for
+    if dist.is_initialized() and not sharded:
         device_ids = [device.index] if device.type == "cuda" else None
-        wrapper = DDP(net, device_ids=device_ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
+        wrapper = DDP(net, device_ids=device_ids, forward_sync_buffers=False,
+                      gradient_as_bucket_view=True)
     model = torch.compile(wrapper) if args.compile else wrapper
     run = Run(model, wrapper, net, ema, opt, sharded, folder=None, step=0, last_good=None)
     if resume_from:
@@ -499,13 +516,15 @@ def continue_run(run, path, args, log):
         for group in run.opt.param_groups:
             group[key] = getattr(args, key)
         if info["args"][key] != getattr(args, key):
-            log(f"--{key.replace('_', '-')} changed from {info['args'][key]} to {getattr(args, key)}")
+            log(f"--{key.replace('_', '-')} changed from {info['args'][key]} "
+                f"to {getattr(args, key)}")
     checkpoint.export_ema(run.folder, run.ema, info | {"args": vars(args)}, run.sharded)  # may lag
 
 
 def shared_run_folder(run, args):
     """Rank 0 names the folder (new, or the resumed one, cleaned of a killed write's leftovers and
-    of log records past the checkpoint) and tells every rank: sharded checkpoints are written by all."""
+    of log records past the checkpoint) and tells every rank: sharded checkpoints are written by
+    all."""
     folder = run.folder
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -539,7 +558,8 @@ def batches(data, sampler, step, total_steps, local_batch, device, num_workers):
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
-        order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
+        order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch:
+                              steps_per_epoch * local_batch]
         workers = 0 if isinstance(data, TensorDataset) else num_workers
         loader = DataLoader(data, local_batch, sampler=order, drop_last=True, num_workers=workers,
                             pin_memory=device.type == "cuda")
@@ -550,22 +570,25 @@ def batches(data, sampler, step, total_steps, local_batch, device, num_workers):
                 return
 
 
-def describe(cfg, args, data, run, plan_, world, node_size, bf16, steps_per_epoch, total_steps, log):
+def describe(cfg, args, data, run, plan_, world, node_size, bf16, steps_per_epoch, total_steps,
+             log):
     """What the run is, before step 1: sizes, batch, the memory plan per GPU."""
     sharded, checkpointing, mem = plan_
     mode = "HSDP across nodes" if sharded and world > node_size else "sharded" if sharded \
         else "DDP" if world > 1 else "single process"
-    mode += f", {'bf16' if bf16 else 'fp32'}" + (", gradient checkpointing" if checkpointing else "")
+    mode += (f", {'bf16' if bf16 else 'fp32'}"
+             + (", gradient checkpointing" if checkpointing else ""))
     n_params = count(cfg)[0]
     kind = "latents" if cfg.latent_space else "pixels"
     log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {cfg.num_classes} classes, "
         f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} {kind}, {len(data)} images")
-    log(f"batch: global {args.global_batch_size} = {world} processes x {args.grad_accum} micro-batches "
-        f"x {args.global_batch_size // world // args.grad_accum}; {steps_per_epoch} steps/epoch; "
-        f"steps {run.step} -> {total_steps}")
+    log(f"batch: global {args.global_batch_size} = {world} processes x {args.grad_accum} "
+        f"micro-batches x {args.global_batch_size // world // args.grad_accum}; "
+        f"{steps_per_epoch} steps/epoch; steps {run.step} -> {total_steps}")
     log(f"memory per process, {mode}: " + " + ".join(f"{k} {v:.2f}" for k, v in mem.items())
         + f" = {sum(mem.values()):.2f} GB")
-    if cfg.num_experts and cfg.router == "token":  # Eq. 5 at perfect balance: f_i = 1, sum_i P_i = 1
+    # Eq. 5 at perfect balance: f_i = 1, sum_i P_i = 1
+    if cfg.num_experts and cfg.router == "token":
         log(f"router_loss at perfect balance: {cfg.depth * cfg.balance_alpha:.4f} "
             f"({cfg.depth} layers x alpha {cfg.balance_alpha}), its floor")
     log(f"results: {run.folder}")
@@ -585,14 +608,15 @@ def main(args):
              f"{world} processes x {args.grad_accum} micro-batches")
     local_batch = args.global_batch_size // world
     if args.extract_latents:
-        return extract_latents(args.data_path, args.latents_path, args.image_size, args.vae, local_batch,
-                               args.num_workers, rank, world, device)
+        return extract_latents(args.data_path, args.latents_path, args.image_size, args.vae,
+                               local_batch, args.num_workers, rank, world, device)
     log = print if rank == 0 else lambda *a: None
 
     # Data, and the model config that fits it.
     data, encode, data_fields = load_data(args, device)
     cfg = build_config(args, data_fields)
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed, drop_last=True)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=args.global_seed,
+                                 drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         fail(f"{len(data)} images are fewer than one global batch of {args.global_batch_size}")
@@ -602,11 +626,13 @@ def main(args):
     resume_from = find_resume(args.resume, cfg, log) if args.resume else None
     if args.sharded and world == 1:
         fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
-    gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else math.inf
+    gpu_gb = (torch.cuda.get_device_properties(device).total_memory / 1e9
+              if device.type == "cuda" else math.inf)
     planned = plan(cfg, local_batch, args.grad_accum, world, node_size, gpu_gb, bf16, args.sharded,
                    args.grad_checkpointing)  # (sharded, checkpointing, memory estimate)
     run = build_run(cfg, args, device, bf16, node_size, *planned[:2], resume_from, log)
-    describe(cfg, args, data, run, planned, world, node_size, bf16, steps_per_epoch, total_steps, log)
+    describe(cfg, args, data, run, planned, world, node_size, bf16, steps_per_epoch, total_steps,
+             log)
 
     # Train: a step, a log line now and then (the only host syncs), a checkpoint now and then.
     recipe = Recipe(args.grad_accum, args.global_seed, rank, world, cfg.layer_reg, args.clip_grad,
@@ -615,9 +641,10 @@ def main(args):
     run.net.train()  # label dropout on; the EMA never runs here
     bar = tqdm(total=total_steps, initial=run.step, disable=rank != 0, dynamic_ncols=True)
     try:
-        for x, y in batches(data, sampler, run.step, total_steps, local_batch, device, args.num_workers):
-            stats = train_step(run.model, run.wrapper, run.ema, run.opt, objective, x, y, encode, run.step,
-                               recipe)
+        for x, y in batches(data, sampler, run.step, total_steps, local_batch, device,
+                            args.num_workers):
+            stats = train_step(run.model, run.wrapper, run.ema, run.opt, objective, x, y, encode,
+                               run.step, recipe)
             run.sums = {k: run.sums.get(k, 0) + v for k, v in stats.items()}
             run.step += 1
             bar.update()
@@ -641,9 +668,11 @@ def main(args):
 # ----------------------------------------------------------------------------
 
 def parse_set(items):
-    """--set FIELD=VALUE pairs -> {field: value}, each value parsed as its DiTConfig field's type."""
+    """--set FIELD=VALUE pairs -> {field: value}, each value parsed as its DiTConfig field's
+    type."""
     types = {f.name: f.type for f in dataclasses.fields(DiTConfig)}
-    words = {int: "an int", float: "a number", bool: "true or false", str: "a string", int | None: "an int or none"}
+    words = {int: "an int", float: "a number", bool: "true or false", str: "a string",
+             int | None: "an int or none"}
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -652,7 +681,8 @@ def parse_set(items):
         kind = types[key]
         try:
             if kind is bool:
-                overrides[key] = {"1": True, "true": True, "0": False, "false": False}[value.lower()]
+                overrides[key] = {"1": True, "true": True,
+                                  "0": False, "false": False}[value.lower()]
             elif kind == int | None:  # shared_hidden: a width, or none for the default 2D
                 overrides[key] = None if value.lower() == "none" else int(value)
             else:
@@ -663,50 +693,71 @@ def parse_set(items):
 
 
 def parse_args(argv=None):
-    # Defaults are the CPU demo that `python train.py` runs; where the paper differs, the help says so.
+    # Defaults are the CPU demo that `python train.py` runs; where the paper differs, the help
+    # says so.
     p = launch.Parser(description="Train DiT-MoE; the module docstring has the commands.")
     add = p.add_argument
     add("--model", default="T/2-4E2A",
-        help="size from model.py's registry (paper: S/2-8E2A ... G/2-16E2A; T is the tiny demo size)")
+        help="size from model.py's registry (paper: S/2-8E2A ... G/2-16E2A; "
+             "T is the tiny demo size)")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
-        help="override a DiTConfig field (model.py), e.g. --set router=race (token | expert | race), "
-             "--set objective=rf (ddpm | rf), --set layer_reg=0.1 (Race-DiT)")
-    add("--data-path", help="image folder, one sub-folder per class (ImageNet layout); unset: built-in digits")
+        help="override a DiTConfig field (model.py), e.g. --set router=race "
+             "(token | expert | race), --set objective=rf (ddpm | rf), "
+             "--set layer_reg=0.1 (Race-DiT)")
+    add("--data-path",
+        help="image folder, one sub-folder per class (ImageNet layout); unset: built-in digits")
     add("--latents-path", help="latent shards from --extract-latents: training without the VAE")
     add("--extract-latents", action="store_true",
-        help="encode --data-path into shards at --latents-path (posterior mean and std, both flips), then exit")
-    add("--image-size", type=positive_int, default=256, help="center-crop size of --data-path images (paper: 256)")
-    add("--vae", default=VAE, help="diffusers AutoencoderKL, hub name or local folder (paper: sd-vae-ft-ema)")
-    add("--num-workers", type=nonnegative_int, default=4, help="data-loading processes per GPU (folders, shards)")
-    add("--results-dir", default="results", help="runs go to RESULTS_DIR/NNN-<model>; RESULTS_DIR/latest links "
-                                                 "the newest run with a checkpoint")
+        help="encode --data-path into shards at --latents-path (posterior mean and std, "
+             "both flips), then exit")
+    add("--image-size", type=positive_int, default=256,
+        help="center-crop size of --data-path images (paper: 256)")
+    add("--vae", default=VAE,
+        help="diffusers AutoencoderKL, hub name or local folder (paper: sd-vae-ft-ema)")
+    add("--num-workers", type=nonnegative_int, default=4,
+        help="data-loading processes per GPU (folders, shards)")
+    add("--results-dir", default="results",
+        help="runs go to RESULTS_DIR/NNN-<model>; RESULTS_DIR/latest links "
+             "the newest run with a checkpoint")
     add("--global-batch-size", type=positive_int, default=128,
         help="images per optimizer step over all processes (paper: 1024)")
-    add("--grad-accum", type=positive_int, default=1, help="micro-batches per process and optimizer step")
+    add("--grad-accum", type=positive_int, default=1,
+        help="micro-batches per process and optimizer step")
     add("--lr", type=positive_float, default=1e-3,
-        help="AdamW learning rate, constant (paper: 1e-4; the tiny demo model learns faster at 1e-3)")
+        help="AdamW learning rate, constant (paper: 1e-4; the tiny demo model learns faster "
+             "at 1e-3)")
     add("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay (paper: 0)")
     add("--ema-decay", type=ranged(float, 0, 1, high_open=True), default=0.995,
-        help="EMA decay per step, in [0, 1) (paper: 0.9999; 0.995 averages ~200 steps, right for a short run)")
-    add("--clip-grad", type=positive_float, help="clip the global gradient norm to this (paper: no clipping)")
-    add("--max-steps", type=positive_int, default=1200, help="optimizer steps to train to (paper: 500K to 7M)")
+        help="EMA decay per step, in [0, 1) (paper: 0.9999; 0.995 averages ~200 steps, "
+             "right for a short run)")
+    add("--clip-grad", type=positive_float,
+        help="clip the global gradient norm to this (paper: no clipping)")
+    add("--max-steps", type=positive_int, default=1200,
+        help="optimizer steps to train to (paper: 500K to 7M)")
     add("--epochs", type=positive_int, help="or stop after this many epochs, whichever comes first")
-    add("--global-seed", type=nonnegative_int, default=0, help="seed of the initial weights, data order and noise")
-    add("--log-every", type=positive_int, default=100, help="steps between log lines and log.jsonl records")
+    add("--global-seed", type=nonnegative_int, default=0,
+        help="seed of the initial weights, data order and noise")
+    add("--log-every", type=positive_int, default=100,
+        help="steps between log lines and log.jsonl records")
     add("--ckpt-every", type=positive_int, default=300,
         help="steps between checkpoints (DiT: 50000; the demo: ~75 s of its ~5 minutes)")
     add("--keep-last", type=nonnegative_int, default=0,
-        help="keep only the newest N checkpoints (0: keep all, as DiT; each holds weights, EMA and AdamW: "
-             "16 bytes a parameter)")
-    add("--resume", help="run folder (its newest finite checkpoint) or checkpoint to continue; same flags")
-    add("--init-from", help="a trained checkpoint (ours, official DiT-MoE or DiT) to start a NEW run from: "
-                            "matching tensors are copied, experts upcycled from a 1-expert or dense model")
+        help="keep only the newest N checkpoints (0: keep all, as DiT; each holds weights, EMA "
+             "and AdamW: 16 bytes a parameter)")
+    add("--resume",
+        help="run folder (its newest finite checkpoint) or checkpoint to continue; same flags")
+    add("--init-from",
+        help="a trained checkpoint (ours, official DiT-MoE or DiT) to start a NEW run from: "
+             "matching tensors are copied, experts upcycled from a 1-expert or dense model")
     add("--device", default="auto", help="auto (a GPU when there is one), cuda or cpu")
-    add("--precision", choices=("bf16", "fp32"), help="compute in bf16 (autocast) or fp32; default bf16 on GPU, "
-                                                     "fp32 on CPU; fp32 matmuls use TF32 on GPU")
-    add("--sharded", action="store_true", help="force FSDP2 sharding (chosen by itself when DDP would not fit)")
+    add("--precision", choices=("bf16", "fp32"),
+        help="compute in bf16 (autocast) or fp32; default bf16 on GPU, fp32 on CPU; "
+             "fp32 matmuls use TF32 on GPU")
+    add("--sharded", action="store_true",
+        help="force FSDP2 sharding (chosen by itself when DDP would not fit)")
     add("--grad-checkpointing", action="store_true",
-        help="force recomputing block activations in backward (chosen by itself when they would not fit)")
+        help="force recomputing block activations in backward (chosen by itself when they "
+             "would not fit)")
     add("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     args.set = parse_set(args.set)
@@ -715,7 +766,8 @@ def parse_args(argv=None):
     if args.data_path and not Path(args.data_path).is_dir():
         fail(f"data path {args.data_path} is not a folder")
     if args.resume and args.init_from:
-        fail("--resume continues a run, --init-from starts a new one from weights: pass one of them")
+        fail("--resume continues a run, --init-from starts a new one from weights: "
+             "pass one of them")
     try:
         config_from_name(args.model, **args.set)
     except (ValueError, TypeError) as e:
