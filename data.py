@@ -52,7 +52,8 @@ def center_crop(img, size):
         img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
+    left = (img.width - size) // 2
+    top = (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
 
 
@@ -60,7 +61,8 @@ class ImageFolder(Dataset):
     """root/<class>/<image>, classes sorted by name; items: uint8 (3, S, S) center crops, label."""
     def __init__(self, root, size):
         self.classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
-        self.files = [(f, i) for i, c in enumerate(self.classes) for f in sorted((Path(root) / c).iterdir())
+        self.files = [(f, i) for i, c in enumerate(self.classes)
+                      for f in sorted((Path(root) / c).iterdir())
                       if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
         if not self.files:
             raise DataError(f"{root} holds no images in class sub-folders "
@@ -78,7 +80,8 @@ class ImageFolder(Dataset):
         try:
             img = center_crop(Image.open(path).convert("RGB"), self.size)
         except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path} ({e}); replace or delete it, then --resume") from None
+            raise DataError(f"cannot read image {path} ({e}); replace or delete it, "
+                            "then --resume") from None
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
 
 
@@ -99,8 +102,9 @@ class LatentShards(Dataset):
         listed = self.meta.get("shards") or {f.name: None for f in sorted(root.glob("shard-*.pt"))}
         missing = [name for name in listed if not (root / name).is_file()]
         if missing or not listed:
-            raise DataError(f"{root}: {len(missing)} of the {len(listed)} latent shards listed in meta.json are not "
-                            f"here (e.g. {(missing or ['shard-*.pt'])[0]}); every node needs every shard")
+            raise DataError(f"{root}: {len(missing)} of the {len(listed)} latent shards listed in "
+                            f"meta.json are not here (e.g. {(missing or ['shard-*.pt'])[0]}); "
+                            "every node needs every shard")
         self.shards = [load_shard(root / name, count) for name, count in listed.items()]
         self.ends = np.cumsum([len(s["label"]) for s in self.shards]).tolist()
 
@@ -109,7 +113,8 @@ class LatentShards(Dataset):
 
     def __getitem__(self, i):
         k = bisect.bisect_right(self.ends, i)
-        s, j = self.shards[k], i - (self.ends[k - 1] if k else 0)
+        s = self.shards[k]
+        j = i - (self.ends[k - 1] if k else 0)
         return torch.stack([s["mean"][j], s["std"][j]]), s["label"][j]
 
 
@@ -132,12 +137,14 @@ def load_vae(name, device):
     try:
         from diffusers import AutoencoderKL  # only latent models need it, and it imports slowly
     except ImportError:
-        raise DataError("the VAE of latent models needs diffusers: pip install -r requirements-vae.txt") from None
+        raise DataError("the VAE of latent models needs diffusers: "
+                        "pip install -r requirements-vae.txt") from None
     try:
         return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
     except Exception as e:  # offline hub, wrong path, not a VAE: all end the same way for the user
-        raise DataError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy of "
-                        f"{VAE}, or allow the download from the Hugging Face hub") from None
+        raise DataError(f"cannot load the VAE {name!r} ({type(e).__name__}); "
+                        f"pass --vae PATH to a local copy of {VAE}, "
+                        "or allow the download from the Hugging Face hub") from None
 
 
 def latent_shape(vae, image_size):
@@ -151,11 +158,14 @@ def setup_data(data_path, latents_path, image_size, vae_name, device):
     fields are the model config's input_size, in_channels, num_classes and latent_space."""
     if latents_path:
         if not (Path(latents_path) / "meta.json").is_file():
-            raise DataError(f"no latent shards in {latents_path} (write them with --extract-latents)")
+            raise DataError(f"no latent shards in {latents_path} "
+                            "(write them with --extract-latents)")
         data = LatentShards(latents_path)
         def encode(x):  # (N, 2, 2, C, h, w): the image or its flip, then z = mean + std * eps
-            x, flip = x.float(), (torch.rand(len(x), device=x.device) < 0.5).long()
-            mean, std = x[torch.arange(len(x), device=x.device), :, flip].unbind(1)  # each (N, C, h, w)
+            x = x.float()
+            flip = (torch.rand(len(x), device=x.device) < 0.5).long()
+            # each (N, C, h, w)
+            mean, std = x[torch.arange(len(x), device=x.device), :, flip].unbind(1)
             return mean + std * torch.randn_like(std)
         m = data.meta
         return data, encode, dict(input_size=m["latent_size"], in_channels=m["channels"],
@@ -165,18 +175,22 @@ def setup_data(data_path, latents_path, image_size, vae_name, device):
         vae = load_vae(vae_name, device)
         channels, size = latent_shape(vae, image_size)
         @torch.no_grad()
-        def encode(x):  # uint8 -> [-1, 1], flip half (the paper's only augmentation), posterior sample
+        def encode(x):
+            # uint8 -> [-1, 1], flip half (the paper's only augmentation), posterior sample
             x = x.float() / 127.5 - 1
-            x = torch.where((torch.rand(len(x), device=x.device) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where((torch.rand(len(x), device=x.device) < 0.5).view(-1, 1, 1, 1),
+                            x.flip(-1), x)
             return vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # SD: 0.18215
-        return data, encode, dict(input_size=size, in_channels=channels, num_classes=len(data.classes),
-                                  latent_space=True)
+        return data, encode, dict(input_size=size, in_channels=channels,
+                                  num_classes=len(data.classes), latent_space=True)
     # no flips for digits: a mirrored digit is a different glyph
-    return load_digits(), lambda x: x, dict(input_size=8, in_channels=1, num_classes=10, latent_space=False)
+    return load_digits(), lambda x: x, dict(input_size=8, in_channels=1, num_classes=10,
+                                            latent_space=False)
 
 
 @torch.no_grad()
-def extract_latents(data_path, latents_path, image_size, vae_name, batch_size, num_workers, rank, world, device):
+def extract_latents(data_path, latents_path, image_size, vae_name, batch_size, num_workers, rank,
+                    world, device):
     """Encode an image folder once: the scaled posterior mean and std of each image and of its
     mirror image. Process r encodes images r, r + world, ... into its own shards; meta.json,
     written last by rank 0, lists every shard."""
@@ -192,7 +206,8 @@ def extract_latents(data_path, latents_path, image_size, vae_name, batch_size, n
         fail(e)
     channels, size = latent_shape(vae, image_size)
     out.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(data, batch_size, sampler=range(rank, len(data), world), num_workers=num_workers)
+    loader = DataLoader(data, batch_size, sampler=range(rank, len(data), world),
+                        num_workers=num_workers)
     scale = vae.config.scaling_factor
     parts = []
     written = {}  # shard file name -> images
@@ -213,7 +228,7 @@ def extract_latents(data_path, latents_path, image_size, vae_name, batch_size, n
         dist.all_gather_object(everyone, written)
     if rank == 0:  # written last: its presence means every shard is complete
         shards = dict(sorted(kv for w in everyone for kv in w.items()))
-        meta = dict(image_size=image_size, latent_size=size, channels=channels, classes=data.classes,
-                    vae=vae_name, count=len(data), shards=shards)
+        meta = dict(image_size=image_size, latent_size=size, channels=channels,
+                    classes=data.classes, vae=vae_name, count=len(data), shards=shards)
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         print(f"wrote latents of {len(data)} images and their flips to {out}")
