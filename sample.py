@@ -1,13 +1,14 @@
-"""
+r"""
 Sample images from a DiT-MoE checkpoint: PNG grids, FID sample batches and the
 routing analysis of the paper (Sec. 3.3, Figs. 5-7; Race-DiT Fig. 6).
 
-    python sample.py --ckpt results/latest/ema.pt                 # grid from the built-in digits model
+    python sample.py --ckpt results/latest/ema.pt          # grid from the built-in digits model
     python sample.py --ckpt dit_moe_s_8E2A.pt --classes 207 360 88 --cfg-scale 4.0
-    python sample.py --ckpt dit_moe_xl_8E2A.pt --vae PATH         # rectified flow: Euler, 50 steps
-    python sample.py --ckpt DiT-XL-2-256x256.pt                   # DiT's released dense model
-    torchrun --nproc_per_node=8 sample.py --ckpt dit_moe_s_8E2A.pt --num-fid-samples 50000 --cfg-scale 1.5
-    python sample.py --ckpt ema.pt --routing-stats                # + routing counts and heatmaps
+    python sample.py --ckpt dit_moe_xl_8E2A.pt --vae PATH  # rectified flow: Euler, 50 steps
+    python sample.py --ckpt DiT-XL-2-256x256.pt            # DiT's released dense model
+    torchrun --nproc_per_node=8 sample.py --ckpt dit_moe_s_8E2A.pt --num-fid-samples 50000 \
+        --cfg-scale 1.5
+    python sample.py --ckpt ema.pt --routing-stats         # + routing counts and heatmaps
 
 Image i is drawn with seed `--seed + i`: it depends only on its seed, its class and
 the settings, never on the batch size or the number of GPUs. FID batches give
@@ -40,7 +41,8 @@ from diffusion import create_objective
 from launch import fail, nonnegative_int, positive_int
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's demo classes for ImageNet models
-VAE_CHUNK = 8  # images per VAE decode: the decoder's fp32 activations at 256 px are ~0.5 GB an image
+# images per VAE decode: the decoder's fp32 activations at 256 px are ~0.5 GB an image
+VAE_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------
@@ -48,36 +50,45 @@ VAE_CHUNK = 8  # images per VAE decode: the decoder's fp32 activations at 256 px
 # ----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = launch.Parser(description="Sample grids, FID batches and routing heatmaps from a DiT-MoE checkpoint.")
+    p = launch.Parser(
+        description="Sample grids, FID batches and routing heatmaps from a DiT-MoE checkpoint.")
     add = p.add_argument
-    add("--ckpt", required=True, help="our checkpoint or ema.pt, an official DiT-MoE or a DiT .pt file")
+    add("--ckpt", required=True,
+        help="our checkpoint or ema.pt, an official DiT-MoE or a DiT .pt file")
     add("--classes", type=nonnegative_int, nargs="+", default=None,
-        help="grid classes (columns); default: DiT's 8 demo classes for 1000-class models, else all")
+        help="grid classes (columns); default: DiT's 8 demo classes for 1000-class models, "
+             "else all")
     add("--per-class", type=positive_int, default=4, help="grid images per class (rows)")
     add("--cfg-scale", type=launch.nonnegative_float, default=None,
         help="guidance scale; default 4.0 for grids (paper demo), 1.5 for FID batches (paper FID)")
     add("--legacy-cfg", action="store_true",
-        help="exactly as the official code for the checkpoint's objective: DDPM guides only the first 3 "
-             "latent channels, as DiT (DiT issue #41); the official rectified-flow sampler guides all, "
-             "so for rf checkpoints this changes nothing")
-    add("--sampler", default=None, help="ddpm | ddim for DDPM checkpoints, euler for rectified flow; "
-                                        "default ddpm / euler")
+        help="exactly as the official code for the checkpoint's objective: DDPM guides only "
+             "the first 3 latent channels, as DiT (DiT issue #41); the official rectified-flow "
+             "sampler guides all, so for rf checkpoints this changes nothing")
+    add("--sampler", default=None,
+        help="ddpm | ddim for DDPM checkpoints, euler for rectified flow; default ddpm / euler")
     add("--num-sampling-steps", type=positive_int, default=None,
         help="default 250 for DDPM (paper), 50 for rectified flow (official demo)")
     add("--seed", type=nonnegative_int, default=0, help="image i is drawn with seed + i")
     add("--batch-size", type=positive_int, default=32,
-        help="images per forward pass and process (also the FID chunk size); does not change the images")
-    add("--vae", default=VAE, help="hub name or local folder of the SD VAE for latent models (paper: ft-ema)")
+        help="images per forward pass and process (also the FID chunk size); "
+             "does not change the images")
+    add("--vae", default=VAE,
+        help="hub name or local folder of the SD VAE for latent models (paper: ft-ema)")
     add("--out", default="results/sample.png",
-        help="grid PNG; the settings go to the same name with .json, routing figures to <name>-routing-*")
+        help="grid PNG; the settings go to the same name with .json, routing figures to "
+             "<name>-routing-*")
     add("--num-fid-samples", type=nonnegative_int, default=0,
         help="write an FID batch of this many images instead of a grid (paper: 50000)")
-    add("--sample-dir", default="samples", help="FID batches: folder of the chunk files and the final .npz")
+    add("--sample-dir", default="samples",
+        help="FID batches: folder of the chunk files and the final .npz")
     add("--routing-stats", action="store_true",
-        help="count expert choices per class, patch position and step; save .npz and the heatmap PNGs")
+        help="count expert choices per class, patch position and step; save .npz and the "
+             "heatmap PNGs")
     add("--device", default="auto", help="auto (a GPU when there is one), cuda or cpu")
     add("--precision", choices=("bf16", "fp32"),
-        help="the network's weights and matmuls: default bf16 on GPU (the fast grouped GEMM), fp32 on CPU")
+        help="the network's weights and matmuls: default bf16 on GPU (the fast grouped GEMM), "
+             "fp32 on CPU")
     return p.parse_args(argv)
 
 
@@ -92,7 +103,8 @@ def per_sample_randn(seeds):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
 
     def randn(like):
-        noise = torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens])  # (N, C, H, W)
+        # (N, C, H, W): row j from generator j
+        noise = torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens])
         if like.device.type == "cuda":
             noise = noise.pin_memory()
         return noise.to(like.device, like.dtype, non_blocking=True)
@@ -109,42 +121,50 @@ def guided_model(net, y, cfg_scale, guided_channels=None, bf16=False):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             if cfg_scale == 1:  # guidance at scale 1 is the conditional model: skip the null half
                 return net(x, t, y).float()
-            out = net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), both, cfg_scale, guided_channels)
-        return out[: len(x)].float()  # (N, 2C, H, W): guided prediction, conditional variance channels
+            out = net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), both, cfg_scale,
+                                       guided_channels)
+        # (N, 2C, H, W): guided prediction, conditional variance channels
+        return out[: len(x)].float()
     return model_fn
 
 
 @torch.no_grad()
-def sample_images(net, obj, indices, labels, seed=0, cfg_scale=4.0, guided_channels=None, sampler=None,
-                  num_steps=None, bf16=False, vae=None, stats=None, progress=False):
+def sample_images(net, obj, indices, labels, seed=0, cfg_scale=4.0, guided_channels=None,
+                  sampler=None, num_steps=None, bf16=False, vae=None, stats=None, progress=False):
     """uint8 images (N, H, W, 3) for global image indices (image i uses seed + i) and class labels.
     stats: a RoutingStats that watches the model calls."""
     cfg = net.cfg
     device = net.pos_embed.device
     randn = per_sample_randn([seed + i for i in indices])
-    noise = randn(torch.empty(len(indices), cfg.in_channels, cfg.input_size, cfg.input_size, device=device))
+    noise = randn(torch.empty(len(indices), cfg.in_channels, cfg.input_size, cfg.input_size,
+                              device=device))
     y = torch.tensor(labels, device=device)
     model_fn = guided_model(net, y, cfg_scale, guided_channels, bf16)
     if stats is not None:
         model_fn = stats.watch(model_fn, y)
-    x = obj.sample(model_fn, noise, sampler=sampler, num_steps=num_steps, randn=randn, progress=progress)
+    x = obj.sample(model_fn, noise, sampler=sampler, num_steps=num_steps, randn=randn,
+                   progress=progress)
     if vae is not None:  # SD: latents were scaled by 0.18215; decoded a few images at a time
-        x = torch.cat([vae.decode(z / vae.config.scaling_factor).sample for z in x.split(VAE_CHUNK)])
-    if not torch.isfinite(x).all():  # the official repo has NaN reports at XL: never write such images
-        raise FloatingPointError(f"non-finite values in the samples of images {indices[0]}..{indices[-1]}; "
-                                 "nothing was saved for them")
+        x = torch.cat([vae.decode(z / vae.config.scaling_factor).sample
+                       for z in x.split(VAE_CHUNK)])
+    # the official repo has NaN reports at XL: never write such images
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("non-finite values in the samples of images "
+                                 f"{indices[0]}..{indices[-1]}; nothing was saved for them")
     if x.shape[1] == 1:  # grayscale digits: three equal channels, the layout evaluate.py reads
         x = x.expand(-1, 3, -1, -1)
     x = (127.5 * x + 128).clamp(0, 255).to(torch.uint8)  # exactly DiT's conversion, so FIDs compare
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (N, H, W, 3), C order as evaluate.py reads
+    # (N, H, W, 3), C order as evaluate.py reads
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def write_npz(path, arrays, shape):
-    """Stream uint8 arrays, concatenated to `shape` (N, H, W, 3), into an uncompressed .npz as arr_0:
-    50K images at 256px are 10 GB, which need not fit in memory. Written to a temporary file
-    and renamed, so an interrupted write never leaves a truncated file behind."""
+    """Stream uint8 arrays, concatenated to `shape` (N, H, W, 3), into an uncompressed .npz as
+    arr_0: 50K images at 256px are 10 GB, which need not fit in memory. Written to a temporary
+    file and renamed, so an interrupted write never leaves a truncated file behind."""
     header = {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
-    with zipfile.ZipFile(path + ".tmp", "w") as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
+    with (zipfile.ZipFile(path + ".tmp", "w") as zf,
+          zf.open("arr_0.npy", "w", force_zip64=True) as f):
         np.lib.format.write_array_header_1_0(f, header)  # the .npy format that np.save writes
         rows = 0
         for arr in arrays:
@@ -197,7 +217,8 @@ class RoutingStats:
 
     def hook(self, layer, moe, inputs):
         x = inputs[0]  # (N or 2N, T, D): the conditional half first when CFG doubles the batch
-        N, T = len(self.labels), x.shape[1]
+        N = len(self.labels)
+        T = x.shape[1]
         # Route the whole batch with the layer's own (inference) rule; count the conditional images
         # only, and not race's unselected candidates (expert id E): with weight 0 rather than by
         # boolean indexing, which would wait for the GPU to know how many remain.
@@ -205,7 +226,8 @@ class RoutingStats:
         keep = ((token < N * T) & (expert < moe.num_experts)).long()
         token = token.clamp(max=N * T - 1)
         expert = expert.clamp(max=moe.num_experts - 1)
-        self.counts["class"][layer].index_put_((self.labels[token // T], expert), keep, accumulate=True)
+        self.counts["class"][layer].index_put_((self.labels[token // T], expert), keep,
+                                               accumulate=True)
         self.counts["position"][layer].index_put_((token % T, expert), keep, accumulate=True)
         self.counts["step"][layer, self.step].index_add_(0, expert, keep)
         if layer == 0:
@@ -213,7 +235,8 @@ class RoutingStats:
 
     def finish(self, prefix, rank, world):
         """Remove the hooks, sum the counts over processes; rank 0 writes <prefix>-routing.npz, the
-        three heatmaps and, with several experts per token possible (race), the experts-per-token plot."""
+        three heatmaps and, with several experts per token possible (race), the experts-per-token
+        plot."""
         for handle in self.handles:
             handle.remove()
         if world > 1:
@@ -224,17 +247,23 @@ class RoutingStats:
         counts = {k: v.cpu().numpy() for k, v in self.counts.items()}
         tokens = self.tokens.cpu().numpy()
         per_token = counts["step"].sum(-1) / np.maximum(tokens, 1)  # (L, S) experts per token
-        np.savez(prefix + "-routing.npz", layers=np.array(self.layers), top_k=self.top_k, tokens=tokens,
-                 experts_per_token=per_token, **{f"by_{k}": v for k, v in counts.items()})
-        rows = {"class": "class", "position": "patch position (row-major)", "step": "sampling step (0 = noise)"}
+        np.savez(prefix + "-routing.npz", layers=np.array(self.layers), top_k=self.top_k,
+                 tokens=tokens, experts_per_token=per_token,
+                 **{f"by_{k}": v for k, v in counts.items()})
+        rows = {"class": "class", "position": "patch position (row-major)",
+                "step": "sampling step (0 = noise)"}
         for view, label in rows.items():
             heatmap(counts[view], self.layers, f"{prefix}-routing-{view}.png", label)
         line_plot(per_token, self.layers, f"{prefix}-routing-experts-per-token.png")
-        print(f"wrote {prefix}-routing.npz and {prefix}-routing-{{class,position,step,experts-per-token}}.png")
+        print(f"wrote {prefix}-routing.npz and "
+              f"{prefix}-routing-{{class,position,step,experts-per-token}}.png")
 
 
 # colours of a cell: an expert's share of a row relative to even use (share x E), one fixed scale
-RED, WHITE, BLUE, GREY = (np.array(c, dtype=float) for c in ((178, 24, 43), (255, 255, 255), (8, 48, 107), (200,) * 3))
+RED = np.array((178, 24, 43), dtype=float)
+WHITE = np.array((255, 255, 255), dtype=float)
+BLUE = np.array((8, 48, 107), dtype=float)
+GREY = np.array((200,) * 3, dtype=float)
 
 
 def share_colours(counts):
@@ -245,7 +274,8 @@ def share_colours(counts):
     relative = counts / np.maximum(total, 1) * counts.shape[-1]
     low = np.clip(relative, 0, 1)[..., None]
     high = np.clip(relative - 1, 0, 1)[..., None]
-    rgb = np.where(relative[..., None] < 1, RED + (WHITE - RED) * low, WHITE + (BLUE - WHITE) * high)
+    rgb = np.where(relative[..., None] < 1, RED + (WHITE - RED) * low,
+                   WHITE + (BLUE - WHITE) * high)
     rgb[np.broadcast_to(total == 0, relative.shape)] = GREY
     return rgb.round().astype(np.uint8)
 
@@ -256,10 +286,14 @@ def heatmap(counts, layers, path, row_label):
     rgb = share_colours(counts)
     L, X, E, _ = rgb.shape
     font = ImageFont.load_default()
-    cw, ch, gap = 12, max(2, 256 // X), 12  # short axes get taller cells, to stay readable
-    left, top = 44, 36
+    cw = 12                # cell width, pixels
+    ch = max(2, 256 // X)  # cell height: short axes get taller cells, to stay readable
+    gap = 12               # between panels
+    left = 44              # margins: row ticks on the left, layer names on top
+    top = 36
     width = left + L * (E * cw + gap)
-    legend = ["colour: expert's share of the row x E:", "red 0 (never), white 1 (even), blue >= 2", "grey: no samples"]
+    legend = ["colour: expert's share of the row x E:", "red 0 (never), white 1 (even), blue >= 2",
+              "grey: no samples"]
     img = Image.new("RGB", (max(width, 260), top + X * ch + 20 + 12 * len(legend)), "white")
     draw = ImageDraw.Draw(img)
     draw.text((4, 4), f"rows: {row_label}, columns: experts", fill="black", font=font)
@@ -279,15 +313,16 @@ def line_plot(per_token, layers, path, size=(420, 260), pad=40):
     L, S = per_token.shape
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    w, h = size[0] - 2 * pad, size[1] - 2 * pad
+    w = size[0] - 2 * pad
+    h = size[1] - 2 * pad
     top = max(per_token.max() * 1.1, 1e-6)
     to_xy = lambda s, v: (pad + w * s / max(S - 1, 1), pad + h * (1 - v / top))
     draw.rectangle((pad, pad, pad + w, pad + h), outline="black")
     for l in range(L):
         shade = tuple(int(c) for c in WHITE + (BLUE - WHITE) * (0.3 + 0.7 * l / max(L - 1, 1)))
         draw.line([to_xy(s, per_token[l, s]) for s in range(S)], fill=shade, width=2)
-    draw.text((pad, 8), f"experts per token by sampling step, layers {layers[0]} (light) .. {layers[-1]} (dark)",
-              fill="black")
+    draw.text((pad, 8), f"experts per token by sampling step, layers {layers[0]} (light) .. "
+                        f"{layers[-1]} (dark)", fill="black")
     draw.text((pad - 30, pad - 6), f"{top:.2f}", fill="black")
     draw.text((pad - 30, pad + h - 6), "0", fill="black")
     draw.text((pad, pad + h + 6), "step 0 (noise)", fill="black")
@@ -306,7 +341,8 @@ def write_grid(images, rows, path):
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     images = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)
     n, h, w, _ = images.shape
-    grid = images.reshape(rows, n // rows, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, 3)
+    grid = (images.reshape(rows, n // rows, h, w, 3).transpose(0, 2, 1, 3, 4)
+            .reshape(rows * h, -1, 3))
     Image.fromarray(grid).save(path)
 
 
@@ -315,8 +351,8 @@ def run_grid(draw, classes, per_class, batch_size, out, settings, stats):
     labels) samples one batch: sample_images with the run's settings."""
     labels = classes * per_class  # row r holds one image of every class
     starts = range(0, len(labels), batch_size)
-    images = np.concatenate([draw(list(range(s, min(s + batch_size, len(labels)))), labels[s: s + batch_size],
-                                  progress=True) for s in starts])
+    images = np.concatenate([draw(list(range(s, min(s + batch_size, len(labels)))),
+                                  labels[s: s + batch_size], progress=True) for s in starts])
     prefix = os.path.splitext(out)[0]
     write_grid(images, per_class, prefix + ".png")
     with open(prefix + ".json", "w") as f:
@@ -330,7 +366,8 @@ def run_fid(draw, num_samples, num_classes, batch_size, prefix, settings, rank, 
     """Chunk c holds images c*B .. (c+1)*B - 1; process r samples chunks r, r + world, ... and skips
     those already on disk; rank 0 assembles <prefix>.npz in global image order."""
     settings = {k: v for k, v in settings.items() if k not in ("classes", "per_class")}
-    if os.path.exists(prefix + ".json"):  # resuming: the chunks on disk must come from these settings
+    # resuming: the chunks on disk must come from these settings
+    if os.path.exists(prefix + ".json"):
         with open(prefix + ".json") as f:
             if json.load(f) != settings:
                 fail(f"{prefix} holds samples made with other settings (see {prefix}.json); "
@@ -381,13 +418,15 @@ def main(argv=None):
     obj = create_objective(cfg.objective)
     args.num_sampling_steps = args.num_sampling_steps or obj.default_steps
     if cfg.objective == "ddpm":
-        try:  # the respaced schedule, made now: a count no sampler can run is refused before any work
+        # the respaced schedule, made now: a count no sampler can run is refused before any work
+        try:
             obj.schedule(args.num_sampling_steps)
         except ValueError as e:
             fail(f"--num-sampling-steps {args.num_sampling_steps}: {e}")
     args.sampler = args.sampler or obj.samplers[0]
     if args.sampler not in obj.samplers:
-        fail(f"sampler {args.sampler!r} does not fit this {cfg.objective} checkpoint; valid: {', '.join(obj.samplers)}")
+        fail(f"sampler {args.sampler!r} does not fit this {cfg.objective} checkpoint; "
+             f"valid: {', '.join(obj.samplers)}")
     if args.cfg_scale is None:
         args.cfg_scale = 1.5 if fid else 4.0
     if args.routing_stats and not cfg.num_experts:
@@ -399,26 +438,31 @@ def main(argv=None):
         fail(e)
 
     # Every setting that decides the images goes into a JSON next to them.
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "sample_dir", "routing_stats", "device")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "sample_dir", "routing_stats", "device")}
     settings |= {"model": dataclasses.asdict(cfg), "vae": args.vae if vae is not None else None}
     # --legacy-cfg: the official DDPM path guides channels 0-2 only, its rectified-flow path all
     guided_channels = 3 if args.legacy_cfg and cfg.objective == "ddpm" else None
     draw = partial(sample_images, net, obj, seed=args.seed, cfg_scale=args.cfg_scale,
-                   guided_channels=guided_channels, sampler=args.sampler, num_steps=args.num_sampling_steps,
-                   bf16=bf16, vae=vae, stats=stats)
+                   guided_channels=guided_channels, sampler=args.sampler,
+                   num_steps=args.num_sampling_steps, bf16=bf16, vae=vae, stats=stats)
     if rank == 0:
         print(f"{args.ckpt}: {cfg.objective}, {args.sampler} {args.num_sampling_steps} steps, "
-              f"cfg {args.cfg_scale}, {'bf16' if bf16 else 'fp32'}, {world} process(es) on {device}")
+              f"cfg {args.cfg_scale}, {'bf16' if bf16 else 'fp32'}, "
+              f"{world} process(es) on {device}")
     try:
         if fid:
             name = os.path.splitext(os.path.basename(args.ckpt))[0]
-            prefix = os.path.join(args.sample_dir, f"{name}-{args.sampler}{args.num_sampling_steps}"
-                                  f"-cfg{args.cfg_scale}{'-legacy' if args.legacy_cfg else ''}-seed{args.seed}")
-            run_fid(draw, args.num_fid_samples, cfg.num_classes, args.batch_size, prefix, settings, rank, world,
-                    stats)
+            prefix = os.path.join(args.sample_dir,
+                                  f"{name}-{args.sampler}{args.num_sampling_steps}"
+                                  f"-cfg{args.cfg_scale}{'-legacy' if args.legacy_cfg else ''}"
+                                  f"-seed{args.seed}")
+            run_fid(draw, args.num_fid_samples, cfg.num_classes, args.batch_size, prefix, settings,
+                    rank, world, stats)
         else:
             num_classes = cfg.num_classes
-            classes = args.classes or (DIT_CLASSES if num_classes == 1000 else list(range(num_classes)))
+            classes = args.classes or (DIT_CLASSES if num_classes == 1000
+                                       else list(range(num_classes)))
             run_grid(draw, classes, args.per_class, args.batch_size, args.out, settings, stats)
     except FloatingPointError as e:
         fail(e)
