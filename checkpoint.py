@@ -2,8 +2,10 @@
 Checkpoint files: the one module that writes and reads them.
 
 Ours, written by train.py into a run folder:
-    checkpoints/NNNNNNN.pt  {"model", "ema", "opt", "step", "epoch", "config", "args"}, one process or DDP
-    checkpoints/NNNNNNN/    the same as torch.distributed.checkpoint shards, sharded runs (+ train_state.json)
+    checkpoints/NNNNNNN.pt  {"model", "ema", "opt", "step", "epoch", "config", "args"},
+                            one process or DDP
+    checkpoints/NNNNNNN/    the same as torch.distributed.checkpoint shards, sharded runs
+                            (+ train_state.json)
     ema.pt                  {"ema", "config", "step", "args"}: what sample.py reads
 Every write goes to a temporary name and is renamed into place, so a crash never leaves a
 half-written checkpoint under a final name. "config" is model.DiTConfig as a dict; "opt" is keyed
@@ -12,8 +14,8 @@ by parameter name, so a checkpoint resumes sharded or not, on any number of proc
 Theirs, read only: the official DiT-MoE files ({"ema": sd}, {"model": sd} or a raw state_dict,
 one nn.Linear per expert) and facebookresearch/DiT's released dense models (raw state_dict).
 
-    net = load_model("ema.pt", device="cuda", dtype=torch.bfloat16)   # any of the above
-    python checkpoint.py results/latest                               # ema.pt from the newest checkpoint
+    net = load_model("ema.pt", device="cuda", dtype=torch.bfloat16)  # any of the above
+    python checkpoint.py results/latest  # ema.pt from the newest checkpoint
 
 Tests: python -m pytest -q tests/test_checkpoint.py
 """
@@ -30,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from model import SIZES, DiT, DiTConfig
 from moe import SHARED_RATIO
@@ -46,8 +49,8 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------
 
 def save_atomic(obj, path):
-    """torch.save to path.tmp, fsync, rename over path: a crash mid-write leaves the old file intact,
-    an interrupted or failed write (disk full) removes its partial file and raises."""
+    """torch.save to path.tmp, fsync, rename over path: a crash mid-write leaves the old file
+    intact, an interrupted or failed write (disk full) removes its partial file and raises."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -69,14 +72,15 @@ def remove_partial(run_dir):
 def save(run_dir, model, ema, opt, info, sharded):
     """Collective: a checkpoint of step info["step"], then ema.pt. info: step, epoch, config, args.
     Sharded runs write each rank's shards in parallel (torch.distributed.checkpoint); the others
-    have the full weights on every rank, and rank 0 writes one file. Returns the checkpoint's path."""
+    have the full weights on every rank, and rank 0 writes one file. Returns the checkpoint's
+    path."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = run_dir / "checkpoints" / f"{info['step']:07d}"
     if sharded:
         model_sd, opt_sd = get_state_dict(model, opt)
         tmp = final.with_name(final.name + ".tmp")
-        dcp.save({"model": model_sd, "ema": get_model_state_dict(ema), "opt": opt_sd}, checkpoint_id=tmp,
-                 no_dist=not dist.is_initialized())
+        dcp.save({"model": model_sd, "ema": get_model_state_dict(ema), "opt": opt_sd},
+                 checkpoint_id=tmp, no_dist=not dist.is_initialized())
         if rank == 0:  # dcp.save returned on every rank: all shards are written
             (tmp / "train_state.json").write_text(json.dumps(info))
             os.replace(tmp, final)
@@ -108,7 +112,8 @@ def save_ema(path, ema_sd, info):
 
 def checkpoints(run_dir):
     """The run's checkpoints (files and sharded folders), oldest first."""
-    found = [p for p in (Path(run_dir) / "checkpoints").glob("*") if re.fullmatch(r"\d{7}(\.pt)?", p.name)]
+    found = [p for p in (Path(run_dir) / "checkpoints").glob("*")
+             if re.fullmatch(r"\d{7}(\.pt)?", p.name)]
     return sorted(found, key=lambda p: p.name[:7])
 
 
@@ -164,9 +169,11 @@ def resume(path, model, ema, opt):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
         set_model_state_dict(ema, state["ema"])
         return read_info(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # every rank maps the file
+    # every rank maps the file
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     full = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["opt"], options=full)
+    set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["opt"],
+                   options=full)
     set_model_state_dict(ema, ckpt["ema"], options=full)
     return {k: ckpt[k] for k in ("step", "epoch", "config", "args")}
 
@@ -175,7 +182,8 @@ def resume(path, model, ema, opt):
 # The official DiT-MoE layout and DiT's
 # ----------------------------------------------------------------------------
 
-REQUIRED = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+REQUIRED = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+            "final_layer.linear.weight")
 
 
 def from_official(sd):
@@ -185,19 +193,21 @@ def from_official(sd):
     for key, v in sd.items():
         key = key.replace("attn.Wqkv.", "attn.qkv.").replace("attn.out_proj.", "attn.proj.")
         key = key.replace("moe.gate.weight", "moe.router.weight")
-        m = re.match(r"(blocks\.\d+\.moe)\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight", key)
+        m = re.match(r"(blocks\.\d+\.moe)\.(experts\.\d+|shared_experts)\."
+                     r"(gate|up|down)_proj\.weight", key)
         if m is None:
             out[key] = v
         elif m[2] == "shared_experts" and m[3] != "down":  # [gate; up] fused along the output dim
-            out[f"{m[1]}.shared.gate_up.weight"] = torch.cat([expert_weight(sd, m[1] + ".shared_experts", p)
-                                                             for p in ("gate", "up")])
+            out[f"{m[1]}.shared.gate_up.weight"] = torch.cat(
+                [expert_weight(sd, m[1] + ".shared_experts", p) for p in ("gate", "up")])
         elif m[2] == "shared_experts":
             out[f"{m[1]}.shared.down.weight"] = v
     # Routed experts: (H, D) Linear weights -> w_gate_up (E, D, 2H) and w_down (E, H, D).
     for prefix in sorted({k.split(".experts.")[0] for k in sd if ".moe.experts." in k}):
         E = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith(f"{prefix}.experts."))
         experts = [f"{prefix}.experts.{e}" for e in range(E)]
-        gate_up = [torch.cat([expert_weight(sd, e, "gate"), expert_weight(sd, e, "up")]).T for e in experts]
+        gate_up = [torch.cat([expert_weight(sd, e, "gate"), expert_weight(sd, e, "up")]).T
+                   for e in experts]
         out[f"{prefix}.w_gate_up"] = torch.stack(gate_up)
         out[f"{prefix}.w_down"] = torch.stack([expert_weight(sd, e, "down").T for e in experts])
     return out
@@ -220,17 +230,21 @@ def config_from_state_dict(sd):
     D, C, p, _ = sd["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     experts = len({k.split(".")[4] for k in sd if k.startswith("blocks.0.moe.experts.")})
-    shared = sd.get("blocks.0.moe.shared_experts.gate_proj.weight")  # None: dense DiT or no shared expert
+    # None: dense DiT or no shared expert
+    shared = sd.get("blocks.0.moe.shared_experts.gate_proj.weight")
     mlp = sd.get("blocks.0.mlp.fc1.weight")  # dense DiT: GELU MLP of width mlp_ratio * D
     qk_norm = "blocks.0.attn.Wqkv.weight" in sd
     if qk_norm:  # the per-head LayerNorm reveals the head width
         heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
     else:        # the paper's sizes, else DiT's head width of 64
-        heads = {D_: h for name, (_, D_, h, _) in SIZES.items() if name != "T"}.get(D, max(D // 64, 1))
+        heads = ({D_: h for name, (_, D_, h, _) in SIZES.items() if name != "T"}
+                 .get(D, max(D // 64, 1)))
     return DiTConfig(
         depth=depth, hidden_size=D, num_heads=heads, patch_size=p, num_experts=experts,
-        top_k=2 if experts else 0, mlp_ratio=mlp.shape[0] / D if mlp is not None else DiTConfig.mlp_ratio,
-        shared_hidden=None if shared is None or shared.shape[0] == SHARED_RATIO * D else shared.shape[0],
+        top_k=2 if experts else 0,
+        mlp_ratio=mlp.shape[0] / D if mlp is not None else DiTConfig.mlp_ratio,
+        shared_hidden=(None if shared is None or shared.shape[0] == SHARED_RATIO * D
+                       else shared.shape[0]),
         input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, in_channels=C,
         num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, qk_norm=qk_norm,
         learn_sigma=sd["final_layer.linear.weight"].shape[0] == p * p * 2 * C,
@@ -249,9 +263,11 @@ def read_weights(path):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder: pass its ema.pt (python checkpoint.py {path} writes one)") from None
+        raise CheckpointError(f"{path} is a folder: pass its ema.pt "
+                              f"(python checkpoint.py {path} writes one)") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
     if "config" in ckpt:  # ours: plain dict with the config, EMA weights preferred
@@ -263,7 +279,8 @@ def read_weights(path):
             raise CheckpointError(f"{path} has unknown config fields {sorted(set(cfg) - fields)}")
         sd = weights_of(ckpt)
         if sd is ckpt:
-            raise CheckpointError(f"{path} has a config but no weights (no ema or model state_dict)")
+            raise CheckpointError(f"{path} has a config but no weights "
+                                  "(no ema or model state_dict)")
         return DiTConfig(**cfg), sd
     sd = weights_of(ckpt)
     return config_from_state_dict(sd), from_official(sd)
@@ -272,7 +289,8 @@ def read_weights(path):
 def weights_of(ckpt):
     """The state_dict of a checkpoint: its "ema", else its "model", else the checkpoint itself, as
     the official loader reads them."""
-    return next((ckpt[k] for k in ("ema", "model") if isinstance(ckpt.get(k), dict) and ckpt[k]), ckpt)
+    return next((ckpt[k] for k in ("ema", "model") if isinstance(ckpt.get(k), dict) and ckpt[k]),
+                ckpt)
 
 
 def load_weights(net, sd, source, device, dtype=torch.float32):
@@ -287,12 +305,13 @@ def load_weights(net, sd, source, device, dtype=torch.float32):
     if missing or unexpected or wrong:
         show = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
         parts = [f"{what}: {show(ks)}" for what, ks in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if ks]
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                 if ks]
         raise CheckpointError(f"{source} does not fit {net.cfg}: " + "; ".join(parts))
     lowered = {k for k in dict(net.named_parameters()) if ".moe.router" not in k}
     # official XL/G files are fp16; assign=True takes these tensors as the parameters
-    net.load_state_dict({k: v.to(device, dtype if k in lowered else torch.float32) for k, v in sd.items()},
-                        assign=True)
+    net.load_state_dict({k: v.to(device, dtype if k in lowered else torch.float32)
+                         for k, v in sd.items()}, assign=True)
 
 
 def load_model(path, device="cpu", dtype=torch.float32):
@@ -318,14 +337,17 @@ def init_from(net, path):
         if getattr(src_cfg, name) != getattr(net.cfg, name):
             raise CheckpointError(f"--init-from {path}: its {name} is {getattr(src_cfg, name)}, "
                                   f"this model's is {getattr(net.cfg, name)}")
-    copied, upcycled, fresh = [], [], []
+    copied = []
+    upcycled = []
+    fresh = []
     with torch.no_grad():
         for key, own in net.state_dict().items():
             src = sd.get(key)
             if src is not None and src.shape == own.shape:
                 own.copy_(src)
                 copied.append(key)
-            elif key.endswith(("w_gate_up", "w_down")) and src is not None and src.shape == (1, *own.shape[1:]):
+            elif (key.endswith(("w_gate_up", "w_down")) and src is not None
+                  and src.shape == (1, *own.shape[1:])):
                 own.copy_(src.expand_as(own))  # (1, D, 2H) -> (E, D, 2H): one expert becomes E
                 upcycled.append(key)
             elif key.endswith("router.weight") and src is not None:
@@ -333,7 +355,8 @@ def init_from(net, path):
                 fresh.append(key)
             else:
                 fresh.append(key)
-    parts = [f"{len(copied)} tensors copied", f"{len(upcycled)} upcycled into {net.cfg.num_experts} experts",
+    parts = [f"{len(copied)} tensors copied",
+             f"{len(upcycled)} upcycled into {net.cfg.num_experts} experts",
              f"{len(fresh)} fresh" + (f" ({summarize_keys(fresh)})" if fresh else "")]
     return f"--init-from {path}: " + ", ".join(parts)
 
@@ -351,7 +374,8 @@ def export_command(argv=None):
     """python checkpoint.py RUN_OR_CHECKPOINT: RUN/ema.pt from a run's newest finite checkpoint (or
     the one given), read in one process, e.g. after a sharded run was stopped before its ema.pt."""
     p = launch.Parser(description=export_command.__doc__)
-    p.add_argument("path", help="run folder, or one checkpoint (file or sharded folder) in its checkpoints/")
+    p.add_argument("path", help="run folder, or one checkpoint (file or sharded folder) "
+                                "in its checkpoints/")
     path = Path(p.parse_args(argv).path)
     try:
         src = newest_finite(path) if (path / "checkpoints").is_dir() else path
@@ -361,7 +385,8 @@ def export_command(argv=None):
         with torch.device("meta"):
             ema = DiT(DiTConfig(**info["config"]))
         if src.is_dir():  # one process reads every rank's shards into full tensors
-            state = {"ema": {k: torch.empty_like(v, device="cpu") for k, v in ema.state_dict().items()}}
+            state = {"ema": {k: torch.empty_like(v, device="cpu")
+                             for k, v in ema.state_dict().items()}}
             dcp.load(state, checkpoint_id=src, no_dist=True)
         else:
             state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
