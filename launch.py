@@ -40,7 +40,8 @@ def fail(msg, alone=False):
     file it cannot read mid-run); it prints and fails, and torchrun stops the others."""
     rank = int(os.environ.get("RANK", 0))
     if rank == 0 or alone:
-        print(f"error: {f'rank {rank}: ' if rank and alone else ''}{msg}", file=sys.stderr, flush=True)
+        print(f"error: {f'rank {rank}: ' if rank and alone else ''}{msg}", file=sys.stderr,
+              flush=True)
     if dist.is_initialized() and not alone:
         dist.destroy_process_group()
     raise SystemExit(1 if rank == 0 or alone else 0)
@@ -73,7 +74,8 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an int' if kind is int else 'a number'}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if not math.isfinite(value) or too_low or too_high:
@@ -109,9 +111,9 @@ def writable_dir(path):
 # ----------------------------------------------------------------------------
 
 def keep_freed_memory():
-    """CPU training on Linux: glibc returns every freed block over 32 MB to the OS, and the next step
-    faults it back in page by page (~200k faults per S/2-8E2A step, 15-20% of its time). Raising the
-    mmap and trim thresholds (mallopt codes -3 and -1) keeps those blocks for reuse."""
+    """CPU training on Linux: glibc returns every freed block over 32 MB to the OS, and the next
+    step faults it back in page by page (~200k faults per S/2-8E2A step, 15-20% of its time).
+    Raising the mmap and trim thresholds (mallopt codes -3 and -1) keeps those blocks for reuse."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
