@@ -1,4 +1,4 @@
-"""
+r"""
 FID, sFID, Inception Score, precision and recall of generated images, computed as
 the ADM evaluator (openai/guided-diffusion) computes them for the DiT and DiT-MoE
 papers' tables, in PyTorch and NumPy.
@@ -12,7 +12,8 @@ weights, which this script does not download:
     wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz
-    python evaluate.py REF.npz SAMPLE.npz --inception PATH --out metrics.json --cache-ref ref_stats.npz
+    python evaluate.py REF.npz SAMPLE.npz --inception PATH --out metrics.json \
+        --cache-ref ref_stats.npz
 
 Tests: python -m pytest -q tests/test_evaluate.py
 """
@@ -36,7 +37,8 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_NAME)
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # statistics an ADM reference batch stores
 
 # ----------------------------------------------------------------------------
@@ -54,8 +56,10 @@ def tf_bilinear_resize(x, size):
         lo = src.long()  # positions are >= 0, so truncation is floor
         return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
 
-    (y0, y1, wy), (x0, x1, wx) = taps(x.shape[2], size[0]), taps(x.shape[3], size[1])
-    top, bottom = x[:, :, y0], x[:, :, y1]  # (N, C, H', W)
+    y0, y1, wy = taps(x.shape[2], size[0])
+    x0, x1, wx = taps(x.shape[3], size[1])
+    top = x[:, :, y0]  # (N, C, H', W)
+    bottom = x[:, :, y1]
     # TF's order of operations: lerp along x in both rows, then along y
     top = top[..., x0] + (top[..., x1] - top[..., x0]) * wx
     bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * wx
@@ -79,7 +83,9 @@ class BasicConv2d(nn.Module):
 avg_pool = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 max_pool = partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 reduce_pool = partial(F.max_pool2d, kernel_size=3, stride=2)  # halves the grid
-ROW, COL = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # factorised 7x7: kernel, stride, padding
+# factorised 7x7: kernel, stride, padding
+ROW = ((1, 7), 1, (0, 3))
+COL = ((7, 1), 1, (3, 0))
 
 
 class Mixed(nn.Module):
@@ -141,10 +147,12 @@ def block_d():  # Mixed_7a, 17x17 -> 8x8
 
 def block_e(c, pool):  # Mixed_7b-c, 8x8
     def fork(name):
-        return [(name + "a", 384, 384, (1, 3), 1, (0, 1)), (name + "b", 384, 384, (3, 1), 1, (1, 0))]
+        return [(name + "a", 384, 384, (1, 3), 1, (0, 1)),
+                (name + "b", 384, 384, (3, 1), 1, (1, 0))]
     return Mixed((None, [("branch1x1", c, 320, 1)], []),
                  (None, [("branch3x3_1", c, 384, 1)], fork("branch3x3_2")),
-                 (None, [("branch3x3dbl_1", c, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1)], fork("branch3x3dbl_3")),
+                 (None, [("branch3x3dbl_1", c, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1)],
+                  fork("branch3x3dbl_3")),
                  (pool, [("branch_pool", c, 192, 1)], []))
 
 
@@ -160,11 +168,17 @@ class InceptionV3(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = block_a(192, 32), block_a(256, 64), block_a(288, 64)
+        self.Mixed_5b = block_a(192, 32)
+        self.Mixed_5c = block_a(256, 64)
+        self.Mixed_5d = block_a(288, 64)
         self.Mixed_6a = block_b(288)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = map(block_c, (128, 160, 160, 192))
+        self.Mixed_6b = block_c(128)
+        self.Mixed_6c = block_c(160)
+        self.Mixed_6d = block_c(160)
+        self.Mixed_6e = block_c(192)
         self.Mixed_7a = block_d()
-        self.Mixed_7b, self.Mixed_7c = block_e(1280, avg_pool), block_e(2048, max_pool)
+        self.Mixed_7b = block_e(1280, avg_pool)
+        self.Mixed_7c = block_e(2048, max_pool)
         self.fc = nn.Linear(2048, 1008)  # the 2015 graph's 1008 classes, 1000 of them used
 
     def forward(self, x):
@@ -183,16 +197,18 @@ class InceptionV3(nn.Module):
 def load_inception(path, device):
     """InceptionV3 with pytorch-fid's weights, from `path` or, without one, from
     the current directory or torch hub's checkpoints (where pytorch-fid keeps it)."""
-    places = [path] if path else [WEIGHTS_NAME, os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)]
+    places = ([path] if path
+              else [WEIGHTS_NAME, os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)])
     found = [p for p in places if os.path.isfile(p)]
     if not found:
-        raise FileNotFoundError(f"Inception weights {' or '.join(places)} not found: download {WEIGHTS_URL} "
-                                "and pass --inception PATH")
+        raise FileNotFoundError(f"Inception weights {' or '.join(places)} not found: "
+                                f"download {WEIGHTS_URL} and pass --inception PATH")
     model = InceptionV3()
     try:  # whatever fails here, the file is not the weights we need
         model.load_state_dict(torch.load(found[0], map_location="cpu", weights_only=True))
     except Exception as e:
-        raise ValueError(f"{found[0]} does not hold the FID Inception weights ({' '.join(str(e).split())[:200]})")
+        raise ValueError(f"{found[0]} does not hold the FID Inception weights "
+                         f"({' '.join(str(e).split())[:200]})")
     torch.backends.cudnn.allow_tf32 = False  # the reference numbers come from float32 convolutions
     return model.eval().requires_grad_(False).to(device)
 
@@ -228,7 +244,8 @@ def psd_factor(s):
 def trace_sqrt_product(s1, s2):
     """tr sqrt(S1 S2) for covariances S1, S2. With S1 = R1 R1^T and S2 = R2 R2^T, S1 S2 is
     similar to K K^T, K = R1^T R2, so the trace is the sum of K's singular values."""
-    r1, r2 = psd_factor(s1), psd_factor(s2)
+    r1 = psd_factor(s1)
+    r2 = psd_factor(s2)
     k = r1.T @ r2  # (r1, r2)
     if k.shape == s1.shape:
         # both positive definite: K is nonsingular and the eigenvalues of K K^T (symmetric,
@@ -249,7 +266,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2):
-        raise ValueError(f"statistics of different sizes: {mu1.shape} {s1.shape} vs {mu2.shape} {s2.shape}")
+        raise ValueError(f"statistics of different sizes: {mu1.shape} {s1.shape} "
+                         f"vs {mu2.shape} {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("statistics contain NaN or infinity")
     try:
@@ -266,7 +284,8 @@ def inception_score(probs, split_size=5000):
     """Inception Score (Salimans et al. 2016) as ADM computes it: consecutive
     splits of split_size samples (no shuffle), each scoring exp(mean KL(p(y|x) ||
     p(y))) with p(y) the split's marginal, averaged. probs: (N, classes)."""
-    probs, scores = np.asarray(probs, np.float64), []
+    probs = np.asarray(probs, np.float64)
+    scores = []
     for i in range(0, len(probs), split_size):
         p = probs[i:i + split_size]  # (n, classes)
         kl = (xlogy(p, p) - xlogy(p, p.mean(0, keepdims=True))).sum(1)  # xlogy: 0 log 0 = 0
@@ -303,7 +322,8 @@ def squared_distances(a, b):
     float32 and rounded to float16 once (cuBLAS); 2 a.b, the difference and the sum are
     each rounded to float16; negatives become 0 (also -inf, where only 2 a.b overflows).
     A block holding inf or NaN is recomputed in float32, as ADM recomputes it."""
-    a16, b16 = a.half(), b.half()
+    a16 = a.half()
+    b16 = b.half()
     dot = (a16.float() @ b16.float().T).half()  # (R, S)
     d = tf_half_row_sums(a16 * a16)[:, None] - 2 * dot + tf_half_row_sums(b16 * b16)[None]
     d = d.float().clamp_(min=0)
@@ -320,7 +340,8 @@ def manifold_radii(feats, k, block_size):
     for i in range(0, len(feats), block_size):
         nearest = feats.new_empty(len(feats[i:i + block_size]), 0)
         for j in range(0, len(feats), block_size):
-            d = torch.cat([nearest, squared_distances(feats[i:i + block_size], feats[j:j + block_size])], 1)
+            d = torch.cat([nearest, squared_distances(feats[i:i + block_size],
+                                                      feats[j:j + block_size])], 1)
             nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
         radii.append(nearest[:, k])
     return torch.cat(radii)
@@ -333,10 +354,12 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, device="cpu
     of reference points inside some sample ball. Returns (precision, recall).
     Distances come in blocks of block_size^2, ADM's 10000 by default, so that the
     float32 fallback of squared_distances is decided over the same blocks."""
-    ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
+    ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
+                for f in (ref_feats, sample_feats))
     if min(len(ref), len(smp)) <= k:
         raise ValueError(f"precision/recall with k = {k} need more than {k} points in each set")
-    ref_r, smp_r = manifold_radii(ref, k, block_size), manifold_radii(smp, k, block_size)
+    ref_r = manifold_radii(ref, k, block_size)
+    smp_r = manifold_radii(smp, k, block_size)
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
     smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
     for i in range(0, len(ref), block_size):
@@ -361,12 +384,14 @@ class NpzImages:
     stats: dict
 
     def batches(self, batch_size):
-        n, image_bytes = self.shape[0], int(np.prod(self.shape[1:]))
+        n = self.shape[0]
+        image_bytes = int(np.prod(self.shape[1:]))
         with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
             f.read(self.header_bytes)
             for i in range(0, n, batch_size):
                 b = min(batch_size, n - i)
-                yield np.frombuffer(bytearray(f.read(b * image_bytes)), np.uint8).reshape(b, *self.shape[1:])
+                yield (np.frombuffer(bytearray(f.read(b * image_bytes)), np.uint8)
+                       .reshape(b, *self.shape[1:]))
 
 
 def load_npz(path):
@@ -390,7 +415,8 @@ def load_npz(path):
     with np.load(path) as npz:
         stored = [key for key in STAT_KEYS if key in npz.files]
         if 0 < len(stored) < len(STAT_KEYS):
-            raise ValueError(f"{path} stores {', '.join(stored)} but not all of {', '.join(STAT_KEYS)}")
+            raise ValueError(f"{path} stores {', '.join(stored)} but not all of "
+                             f"{', '.join(STAT_KEYS)}")
         stats = {key: npz[key].astype(np.float64) for key in stored}
     return NpzImages(path, shape, header_bytes, stats)
 
@@ -402,7 +428,8 @@ def extract(model, images, batch_size, device, name):
     feats = {"pool": [], "spatial": [], "probs": []}
     with tqdm(total=images.shape[0], desc=f"Inception features of {name}", unit="img") as bar:
         for batch in images.batches(batch_size):
-            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
+            # (N, 3, H, W) in [0, 255]
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
             pool, spatial, logits = model(x)
             for key, value in zip(feats, (pool, spatial, logits.softmax(1))):
                 feats[key].append(value.cpu().numpy())
@@ -411,7 +438,8 @@ def extract(model, images, batch_size, device, name):
     if images.stats:
         return feats | images.stats
     # mean and covariance (np.cov: normalised by N - 1) in float64, as in ADM
-    pool, spatial = feats["pool"].astype(np.float64), feats["spatial"].astype(np.float64)
+    pool = feats["pool"].astype(np.float64)
+    spatial = feats["spatial"].astype(np.float64)
     return feats | {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False),
                     "mu_s": spatial.mean(0), "sigma_s": np.cov(spatial, rowvar=False)}
 
@@ -448,10 +476,12 @@ def evaluate(ref_path, sample_path, inception, batch_size, device, cache_ref=Non
         if not {"pool", "image_size", *STAT_KEYS} <= ref.keys():
             raise ValueError(f"{cache_ref} is not a reference cache written by evaluate.py")
         print(f"reading the reference's features from {cache_ref}, not {ref_path}", file=sys.stderr)
-        ref_size, n_ref = tuple(ref["image_size"]), len(ref["pool"])
+        ref_size = tuple(ref["image_size"])
+        n_ref = len(ref["pool"])
     else:
         ref_images = load_npz(ref_path)
-        ref_size, n_ref = ref_images.shape[1:3], ref_images.shape[0]
+        ref_size = ref_images.shape[1:3]
+        n_ref = ref_images.shape[0]
         if cache_ref:
             check_output(cache_ref, "--cache-ref")
     if ref_size != sample.shape[1:3]:
@@ -459,7 +489,8 @@ def evaluate(ref_path, sample_path, inception, batch_size, device, cache_ref=Non
                          f"{sample.shape[1]}x{sample.shape[2]}")
     for name, n in (("reference", n_ref), ("sample", sample.shape[0])):
         if n <= k:
-            raise ValueError(f"{name} set has {n} images; precision/recall (k = {k}) need at least {k + 1}")
+            raise ValueError(f"{name} set has {n} images; precision/recall (k = {k}) need "
+                             f"at least {k + 1}")
 
     model = load_inception(inception, device)
     if not cached:
@@ -492,24 +523,31 @@ def check_device(name):
 
 
 def main():
-    parser = launch.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="reference .npz: arr_0 images, optionally stored mu / sigma / mu_s / sigma_s")
-    parser.add_argument("sample", help="sample .npz from sample.py: arr_0 uint8 images (N, H, W, 3)")
+    parser = launch.Parser(description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="reference .npz: arr_0 images, optionally stored "
+                                    "mu / sigma / mu_s / sigma_s")
+    parser.add_argument("sample",
+                        help="sample .npz from sample.py: arr_0 uint8 images (N, H, W, 3)")
     parser.add_argument("--inception", default=None,
-                        help=f"path of {WEIGHTS_NAME} (default: ./ then $TORCH_HOME/hub/checkpoints/)")
-    parser.add_argument("--batch-size", type=launch.positive_int, default=100, help="images per Inception forward pass")
+                        help=f"path of {WEIGHTS_NAME} "
+                             "(default: ./ then $TORCH_HOME/hub/checkpoints/)")
+    parser.add_argument("--batch-size", type=launch.positive_int, default=100,
+                        help="images per Inception forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--cache-ref", default=None,
-                        help="npz of REF's features and statistics: written when absent, else read instead of REF")
+                        help="npz of REF's features and statistics: written when absent, "
+                             "else read instead of REF")
     args = parser.parse_args()
     try:
         # the arguments and the outputs are checked before the weights load
         device = check_device(args.device)
         if args.out:
             check_output(args.out, "--out")
-        metrics = evaluate(args.ref, args.sample, args.inception, args.batch_size, device, args.cache_ref)
+        metrics = evaluate(args.ref, args.sample, args.inception, args.batch_size, device,
+                           args.cache_ref)
         for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                            ("Precision", "precision"), ("Recall", "recall")):
             print(f"{label}: {metrics[key]:.4f}")
