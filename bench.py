@@ -90,17 +90,21 @@ def bench_moe_layer(args, device):
         moe = MoE(D, E, K).to(device, dtype)
         padded = copy.deepcopy(moe)
         padded.dispatch = "padded"
-        dense = SwiGLU(D, (K * EXPERT_RATIO + SHARED_RATIO) * D).to(device, dtype)  # same active FLOPs per token
+        # the same active FLOPs per token
+        dense = SwiGLU(D, (K * EXPERT_RATIO + SHARED_RATIO) * D).to(device, dtype)
         x = torch.randn(N, T, D, device=device, dtype=dtype, requires_grad=True)
 
         # Forward + backward of a scalar loss; each variant computes y (N, T, D) its own way. The
-        # gradients are returned, not accumulated into .grad: a training step after zero_grad does that.
+        # gradients are returned, not accumulated into .grad: a training step after zero_grad
+        # does that.
         def step(forward, net, inputs=lambda: x):
             def run():
                 x_in = inputs()
-                return torch.autograd.grad(forward(x_in).float().square().mean(), [x_in, *net.parameters()])
+                return torch.autograd.grad(forward(x_in).float().square().mean(),
+                                           [x_in, *net.parameters()])
             return run
-        moe_c, dense_c = torch.compile(moe, fullgraph=True), torch.compile(dense, fullgraph=True)
+        moe_c = torch.compile(moe, fullgraph=True)
+        dense_c = torch.compile(dense, fullgraph=True)
         # The same x every call repeats the routing; in training it changes every step, and with it
         # the group sizes: "moe, new routing" draws another x (same statistics) for each call.
         fresh = [torch.randn_like(x).requires_grad_() for _ in range(args.rounds + 1)]
@@ -139,8 +143,10 @@ def bench_model(args, device, peak_tflops):
     for name in names:
         overrides = dict(input_size=8, num_classes=10) if args.quick else {}
         net = create_model(name, **overrides).to(device)
-        cfg, batch = net.cfg, (4 if args.quick else 8)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0, fused=True)  # as train.py
+        cfg = net.cfg
+        batch = 4 if args.quick else 8
+        # fused AdamW, as train.py builds it
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0, fused=True)
         obj = create_objective(cfg.objective)
         x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
         y = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -150,7 +156,8 @@ def bench_model(args, device, peak_tflops):
             t, x_t, noise = obj.training_inputs(x0)
             with autocast:
                 out, aux = forward(x_t, t, y, return_aux=True)
-            loss = obj.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean() + aux["router_loss"]
+            loss = (obj.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean()
+                    + aux["router_loss"])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -159,22 +166,25 @@ def bench_model(args, device, peak_tflops):
             compiled = torch.compile(net)
             fns["compiled"] = lambda: train_step(compiled)
         for variant, sec in interleaved(fns, args.rounds, device).items():
-            # DiT counts a multiply-add as one FLOP; a training step is ~3 forward passes, 2 FLOPs each.
+            # DiT counts a multiply-add as one FLOP;
+            # a training step is ~3 forward passes, 2 FLOPs each.
             tflops = 3 * 2 * count(cfg)[2] * 1e9 * batch / sec / 1e12
-            rows.append([f"train step {name}", f"batch {batch} {variant}", f"{batch / sec:.2f} img/s",
+            rows.append([f"train step {name}", f"batch {batch} {variant}",
+                         f"{batch / sec:.2f} img/s",
                          f"{tflops:.2f} TFLOP/s = {tflops / peak_tflops:.0%} of matmul"])
 
         # Sampling: a few guided DDPM steps timed, the 250-step cost extrapolated from them.
         net.eval()
         steps = 2 if args.quick else 5
-        z, yy = torch.randn_like(x0).repeat(2, 1, 1, 1), torch.cat([y, torch.full_like(y, cfg.num_classes)])
+        z = torch.randn_like(x0).repeat(2, 1, 1, 1)
+        yy = torch.cat([y, torch.full_like(y, cfg.num_classes)])
         fn = lambda xt, tt: net.forward_with_cfg(xt, tt, yy, 4.0)
         sampler = create_objective("ddpm")
         with torch.no_grad(), autocast:
-            sec = interleaved({"s": lambda: sampler.sample(fn, z, num_steps=steps)}, max(args.rounds // 2, 1),
-                              device)["s"]
-        rows.append([f"sampling {name}", "DDPM 250 + CFG", f"{batch / (sec / steps * 250):.3f} img/s",
-                     f"from {steps}-step runs"])
+            sec = interleaved({"s": lambda: sampler.sample(fn, z, num_steps=steps)},
+                              max(args.rounds // 2, 1), device)["s"]
+        rows.append([f"sampling {name}", "DDPM 250 + CFG",
+                     f"{batch / (sec / steps * 250):.3f} img/s", f"from {steps}-step runs"])
     return rows
 
 
@@ -188,7 +198,8 @@ def bench_frechet(args):
     d = 256 if args.quick else 2048
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((d + 500, d)) @ rng.standard_normal((d, d)) / d for _ in range(2)]
-    mu, sigma = [f.mean(0) for f in feats], [np.cov(f, rowvar=False) for f in feats]
+    mu = [f.mean(0) for f in feats]
+    sigma = [np.cov(f, rowvar=False) for f in feats]
 
     def with_sqrtm():
         covmean = scipy.linalg.sqrtm(sigma[0] @ sigma[1]).real
@@ -197,7 +208,8 @@ def bench_frechet(args):
     t = interleaved({"ours": lambda: frechet_distance(mu[0], sigma[0], mu[1], sigma[1]),
                      "sqrtm": with_sqrtm}, 1 if not args.quick else 2, torch.device("cpu"))
     gap = abs(frechet_distance(mu[0], sigma[0], mu[1], sigma[1]) - with_sqrtm())
-    return [[f"Frechet d={d}", "ours (Cholesky)", f"{t['ours']:.2f} s", f"{t['sqrtm'] / t['ours']:.1f}x faster"],
+    return [[f"Frechet d={d}", "ours (Cholesky)", f"{t['ours']:.2f} s",
+             f"{t['sqrtm'] / t['ours']:.1f}x faster"],
             [f"Frechet d={d}", "scipy sqrtm", f"{t['sqrtm']:.2f} s", f"|difference| {gap:.1e}"]]
 
 
@@ -220,8 +232,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (seconds)")
     p.add_argument("--rounds", type=launch.positive_int, default=None,
                    help="timed rounds per variant (default 10, quick 2)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip torch.compile variants")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     p.add_argument("--only", choices=SECTIONS, action="append", default=None,
                    help="run only this section (repeatable; default: all)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
@@ -234,7 +248,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_tflops(device, dtype, 512 if args.quick else 4096, args.rounds)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
     rows = [["matmul", f"{str(dtype).removeprefix('torch.')} large", f"{peak:.3f} TFLOP/s", name]]
     if "moe" in sections:
         rows += bench_moe_layer(args, device)
