@@ -349,8 +349,8 @@ class RectifiedFlow:
         return noise - x0
 
     def training_losses(self, out, x0, x_t, t, noise):
-        """Per-sample velocity MSE: dict of (N,) "loss" = "rf". Only the first C channels of out
-        are used."""
+        """Per-sample velocity MSE: dict of (N,) "loss" = "rf".
+        Only the first C channels of out are used."""
         rf = mean_flat((self.target(x0, noise) - out.narrow(1, 0, x0.shape[1])) ** 2)
         return {"loss": rf, "rf": rf}
 
@@ -368,8 +368,8 @@ class RectifiedFlow:
 
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
                progress=False):
-        """Same signature as GaussianDiffusion.sample; Euler is deterministic, so eta and randn
-        are unused."""
+        """Same signature as GaussianDiffusion.sample;
+        Euler is deterministic, so eta and randn are unused."""
         _check_sampler(sampler, self.samplers, "rf")
         return self.euler_sample_loop(model_fn, noise, num_steps or self.default_steps, progress)
 
