@@ -252,8 +252,8 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    """Patchify + position table, t and y embedded into c, depth adaLN-Zero blocks, final layer,
-    unpatchify."""
+    """Patchify + position table, t and y embedded into c, depth adaLN-Zero blocks,
+    final layer, unpatchify."""
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
