@@ -235,8 +235,8 @@ class RoutingStats:
 
     def finish(self, prefix, rank, world):
         """Remove the hooks, sum the counts over processes; rank 0 writes <prefix>-routing.npz, the
-        three heatmaps and, with several experts per token possible (race), the experts-per-token
-        plot."""
+        three heatmaps and, with several experts per token possible (race), the
+        experts-per-token plot."""
         for handle in self.handles:
             handle.remove()
         if world > 1:
