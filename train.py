@@ -360,8 +360,8 @@ def summarize(sums, net, steps, seconds, images_per_step, world, device):
 
 
 def check_finite(rec, run, bar):
-    """Stop before any checkpoint holds non-finite numbers; the message names the newest good
-    one."""
+    """Stop before any checkpoint holds non-finite numbers;
+    the message names the newest good one."""
     losses = [f"{k} {v}" for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"loss ({', '.join(losses)})"] if losses else []
     if rec["skipped"]:
@@ -523,8 +523,8 @@ def continue_run(run, path, args, log):
 
 def shared_run_folder(run, args):
     """Rank 0 names the folder (new, or the resumed one, cleaned of a killed write's leftovers and
-    of log records past the checkpoint) and tells every rank: sharded checkpoints are written by
-    all."""
+    of log records past the checkpoint) and tells every rank: sharded checkpoints are
+    written by all."""
     folder = run.folder
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -668,8 +668,8 @@ def main(args):
 # ----------------------------------------------------------------------------
 
 def parse_set(items):
-    """--set FIELD=VALUE pairs -> {field: value}, each value parsed as its DiTConfig field's
-    type."""
+    """--set FIELD=VALUE pairs -> {field: value},
+    each value parsed as its DiTConfig field's type."""
     types = {f.name: f.type for f in dataclasses.fields(DiTConfig)}
     words = {int: "an int", float: "a number", bool: "true or false", str: "a string",
              int | None: "an int or none"}
@@ -693,8 +693,8 @@ def parse_set(items):
 
 
 def parse_args(argv=None):
-    # Defaults are the CPU demo that `python train.py` runs; where the paper differs, the help
-    # says so.
+    # Defaults are the CPU demo that `python train.py` runs;
+    # where the paper differs, the help says so.
     p = launch.Parser(description="Train DiT-MoE; the module docstring has the commands.")
     add = p.add_argument
     add("--model", default="T/2-4E2A",
