@@ -14,11 +14,10 @@ EMA weights (cfg 1.5; DDPM respaced to 25 steps, which scored as 50 did: accurac
 FD 2.52 vs 2.57), image i of class i % 10 from noise seed SEED * SAMPLES + i. Per run:
   - final loss: the diffusion loss (mse + vb; router losses and layer_reg excluded, so every
     configuration is scored alike) averaged over the last 20% of the training steps,
-  - class accuracy: an SVM fit on a stratified 80% of the real digits labels the samples; its
-    accuracy on the other 20% is the ceiling. The diffusion models train on all 1,797 digits
-    (train.py has no flag for a subset): the samples are new images, but the classifier has
-    seen real digits that the models saw too,
-  - FD: the Frechet distance between the samples and all real digits in pixel space (64-d);
+  - class accuracy: an SVM fit on the 359 held-out digits (every 5th, which the diffusion
+    models never see: train.py --digits train) labels the samples; its accuracy on the 1,438
+    training digits is the ceiling,
+  - FD: the Frechet distance between the samples and the 1,438 training digits in pixel space (64-d);
     the FD of as many real digits drawn at random shows the floor at this sample size,
   - MaxVio (Race-DiT Table 2): max expert load / mean load - 1, mean over layers, over the
     training batches of the last 20% of steps,
@@ -215,7 +214,7 @@ def run(name, seed, args, code):
     shutil.rmtree(folder, ignore_errors=True)  # a run of other settings or code, or unfinished
     folder.mkdir(parents=True)
     t0 = time.time()
-    call("train.py", [*CONFIGS[name], "--device", "cpu", "--global-seed", str(seed),
+    call("train.py", [*CONFIGS[name], "--device", "cpu", "--digits", "train", "--global-seed", str(seed),
                       "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size),
                       "--ema-decay", str(args.ema_decay),
                       "--log-every", str(log_every(args.steps)), "--ckpt-every", str(args.steps),
@@ -257,16 +256,17 @@ class Judge:
     """The real digits and what scores samples against them: an SVM and their pixel statistics."""
 
     def __init__(self, num_samples):
-        from sklearn.model_selection import train_test_split
         from sklearn.svm import SVC
-        x0, labels = load_digits().tensors
-        self.x0 = x0  # (1797, 1, 8, 8) in [-1, 1], the diffusion models' training data
+        x0, labels = load_digits("train").tensors
+        self.x0 = x0  # (1438, 1, 8, 8) in [-1, 1], the diffusion models' training data
         self.labels = labels
-        self.real = quantize(x0.flatten(1).double().numpy())  # (1797, 64)
-        y = labels.numpy()
-        fit_x, held_x, fit_y, held_y = train_test_split(self.real, y, test_size=0.2, random_state=0,
-                                                        stratify=y)
+        self.real = quantize(x0.flatten(1).double().numpy())  # (1438, 64)
+        held_out, held_y = load_digits("held-out").tensors  # every 5th digit, never trained on
+        fit_x = quantize(held_out.flatten(1).double().numpy())
+        fit_y = held_y.numpy()
         self.classifier = SVC().fit(fit_x, fit_y)
+        held_x = self.real  # the classifier's own held-out set: the digits it was not fit on
+        held_y = labels.numpy()
         self.stats = gaussian(self.real)
         # References: the classifier on the real digits it did not see; the FD of as many real
         # digits as there are samples (5 draws without replacement) to all of them.
@@ -575,8 +575,9 @@ def main(argv=None):
                       log_every=log_every(args.steps), code=code,
                       recipe="train.py's defaults otherwise: AdamW lr 1e-3 constant, no weight decay, DDPM "
                              "(mse + vb, learned sigma), fp32, --device cpu",
-                      data="the diffusion models train on all 1797 scikit-learn digits (train.py has no "
-                           "subset flag); the classifier is an SVM fit on a stratified 80% of them"),
+                      data="the diffusion models train on the 1438 scikit-learn digits of train.py "
+                           "--digits train; the classifier is an SVM fit on the other 359 (every 5th), "
+                           "its ceiling measured on the 1438"),
         rule="std: sample standard deviation over seeds (n - 1). A claim holds on a metric when the "
              "difference of means is in its direction and larger than 2 standard errors, "
              "sqrt(sA^2/nA + sB^2/nB); it does not hold when as large the other way; else within noise.",

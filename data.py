@@ -17,6 +17,8 @@ imported only when a latent model is trained or sampled.
 Tests: python -m pytest -q tests/test_train.py
 """
 import bisect
+import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -36,12 +38,26 @@ class DataError(ValueError):
     """Data that cannot be used; the message is one line naming the file."""
 
 
-def load_digits():
-    """scikit-learn's 1,797 real 8x8 digits (ink 0..16) as pixels in [-1, 1], (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    d = sklearn_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
-    return TensorDataset(x, torch.tensor(d.target))
+def load_digits(split="all"):
+    """scikit-learn's 1,797 real 8x8 digits (ink 0..16) as pixels in [-1, 1], (N, 1, 8, 8).
+    split: "all", "train" (all but every 5th) or "held-out" (every 5th: 359 digits never trained
+    on, for compare.py's classifier). Read from the file scikit-learn ships (importing
+    sklearn.datasets costs ~3 s a start), else through scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(gzip.open(path), delimiter=",")  # (1797, 65): 64 pixels, the label
+        images = table[:, :-1].reshape(-1, 8, 8)
+        labels = table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits as sklearn_digits
+        digits = sklearn_digits()
+        images = digits.images
+        labels = digits.target
+    keep = {"all": slice(None), "train": np.arange(len(labels)) % 5 != 4,
+            "held-out": np.arange(len(labels)) % 5 == 4}[split]
+    x = torch.tensor(images[keep], dtype=torch.float32).unsqueeze(1) / 8 - 1
+    return TensorDataset(x, torch.tensor(labels[keep]))
 
 
 def center_crop(img, size):
@@ -152,10 +168,11 @@ def latent_shape(vae, image_size):
     return vae.config.latent_channels, image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def setup_data(data_path, latents_path, image_size, vae_name, device):
+def setup_data(data_path, latents_path, image_size, vae_name, device, digits="all"):
     """(dataset, encode, fields): latent shards, else an image folder through the VAE, else the
-    digits. encode maps a raw batch on the device to the model's input x0 with the seeded RNG;
-    fields are the model config's input_size, in_channels, num_classes and latent_space."""
+    digits (digits: which split, see load_digits). encode maps a raw batch on the device to the
+    model's input x0 with the seeded RNG; fields are the model config's input_size, in_channels,
+    num_classes and latent_space."""
     if latents_path:
         if not (Path(latents_path) / "meta.json").is_file():
             raise DataError(f"no latent shards in {latents_path} "
@@ -184,7 +201,7 @@ def setup_data(data_path, latents_path, image_size, vae_name, device):
         return data, encode, dict(input_size=size, in_channels=channels,
                                   num_classes=len(data.classes), latent_space=True)
     # no flips for digits: a mirrored digit is a different glyph
-    return load_digits(), lambda x: x, dict(input_size=8, in_channels=1, num_classes=10,
+    return load_digits(digits), lambda x: x, dict(input_size=8, in_channels=1, num_classes=10,
                                             latent_space=False)
 
 

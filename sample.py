@@ -41,7 +41,7 @@ from diffusion import create_objective
 from launch import fail, nonnegative_int, positive_int
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's demo classes for ImageNet models
-# images per VAE decode: the decoder's fp32 activations at 256 px are ~0.5 GB an image
+# images per VAE decode: the decoder's fp32 activations at 256 px are ~0.2 GB an image
 VAE_CHUNK = 8
 
 
@@ -400,6 +400,29 @@ def run_fid(draw, num_samples, num_classes, batch_size, prefix, settings, rank, 
 # Main
 # ----------------------------------------------------------------------------
 
+def settle_for(cfg, args, fid):
+    """The objective of this checkpoint; the defaults that depend on it filled into args (steps,
+    sampler, guidance scale), and what does not fit it refused before any work."""
+    if not fid and any(not 0 <= c < cfg.num_classes for c in args.classes or []):
+        fail(f"class labels must be in 0..{cfg.num_classes - 1} for this model, got {args.classes}")
+    obj = create_objective(cfg.objective)
+    args.num_sampling_steps = args.num_sampling_steps or obj.default_steps
+    if cfg.objective == "ddpm":
+        try:  # the respaced schedule, made now: a count no sampler can run is refused here
+            obj.schedule(args.num_sampling_steps)
+        except ValueError as e:
+            fail(f"--num-sampling-steps {args.num_sampling_steps}: {e}")
+    args.sampler = args.sampler or obj.samplers[0]
+    if args.sampler not in obj.samplers:
+        fail(f"sampler {args.sampler!r} does not fit this {cfg.objective} checkpoint; "
+             f"valid: {', '.join(obj.samplers)}")
+    if args.cfg_scale is None:
+        args.cfg_scale = 1.5 if fid else 4.0
+    if args.routing_stats and not cfg.num_experts:
+        fail("--routing-stats needs an MoE model; this checkpoint is a dense DiT")
+    return obj
+
+
 def main(argv=None):
     args = parse_args(argv)
     fid = args.num_fid_samples > 0
@@ -413,24 +436,7 @@ def main(argv=None):
     except CheckpointError as e:
         fail(e)
     cfg = net.cfg
-    if not fid and any(not 0 <= c < cfg.num_classes for c in args.classes or []):
-        fail(f"class labels must be in 0..{cfg.num_classes - 1} for this model, got {args.classes}")
-    obj = create_objective(cfg.objective)
-    args.num_sampling_steps = args.num_sampling_steps or obj.default_steps
-    if cfg.objective == "ddpm":
-        # the respaced schedule, made now: a count no sampler can run is refused before any work
-        try:
-            obj.schedule(args.num_sampling_steps)
-        except ValueError as e:
-            fail(f"--num-sampling-steps {args.num_sampling_steps}: {e}")
-    args.sampler = args.sampler or obj.samplers[0]
-    if args.sampler not in obj.samplers:
-        fail(f"sampler {args.sampler!r} does not fit this {cfg.objective} checkpoint; "
-             f"valid: {', '.join(obj.samplers)}")
-    if args.cfg_scale is None:
-        args.cfg_scale = 1.5 if fid else 4.0
-    if args.routing_stats and not cfg.num_experts:
-        fail("--routing-stats needs an MoE model; this checkpoint is a dense DiT")
+    obj = settle_for(cfg, args, fid)
     stats = RoutingStats(net, args.num_sampling_steps) if args.routing_stats else None
     try:
         vae = load_vae(args.vae, device) if cfg.latent_space else None  # pixel models skip the VAE

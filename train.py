@@ -65,19 +65,25 @@ from diffusion import create_objective
 from launch import (fail, fail_if_any, nonnegative_float, nonnegative_int, positive_float,
                     positive_int, ranged)
 from model import DiT, DiTBlock, DiTConfig, config_from_name, count
-from moe import max_violation
+from moe import grouped_mm_is_fast, max_violation
 
 # ----------------------------------------------------------------------------
 # Memory: what a run needs per GPU, and a plan that fits
 # ----------------------------------------------------------------------------
 
-def saved_bytes(cfg, images, bf16):
+def saved_bytes(cfg, images, bf16, dispatch="grouped"):
     """Bytes autograd keeps for the backward of one block on `images` images, traced on fake
     tensors (no memory, well under a second for G/2): what a step holds per block, parameters
-    excluded. Under bf16 autocast it includes the bf16 weight copies the matmuls save."""
+    excluded. Under bf16 autocast it includes the bf16 weight copies the matmuls save. dispatch:
+    the MoE dispatch the GPU will run (moe.py: "padded" keeps E/K times the routed activations)."""
+    key = (dataclasses.astuple(cfg), images, bf16, dispatch)
+    if key in TRACED:
+        return TRACED[key]
     seen = {}
     with FakeTensorMode():
         block = DiTBlock(cfg)
+        if hasattr(block, "moe"):
+            block.moe.dispatch = dispatch
         params = {p.untyped_storage()._cdata for p in block.parameters()}
         x = torch.randn(images, cfg.num_tokens, cfg.hidden_size, requires_grad=True)  # (N, T, D)
         c = torch.randn(images, cfg.hidden_size)
@@ -90,18 +96,37 @@ def saved_bytes(cfg, images, bf16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 block(x, c)
-    return sum(seen.values())
+    TRACED[key] = sum(seen.values())
+    return TRACED[key]
 
 
-def memory_estimate(cfg, micro_batch, world, node_size, bf16, sharded, checkpointing):
+TRACED = {}  # saved_bytes' answers: the plan asks the same ones several times
+
+
+def gpu_memory_gb(device):
+    """The GPU's memory in GB; a CPU run is not limited here."""
+    if device.type != "cuda":
+        return math.inf
+    return torch.cuda.get_device_properties(device).total_memory / 1e9
+
+
+def gpu_dispatch(device, bf16):
+    """The MoE dispatch "auto" picks on this device: grouped where PyTorch's grouped GEMM is fast
+    and sync-free (CPU; bf16 on H100/H200/B200), else padded."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return "grouped" if grouped_mm_is_fast(device, dtype) else "padded"
+
+
+def memory_estimate(cfg, micro_batch, world, node_size, bf16, sharded, checkpointing,
+                    dispatch="grouped"):
     """GB per GPU of a training step, by part. Weights, gradients, AdamW moments and EMA are fp32
     (4 + 4 + 8 + 4 bytes a parameter), sharded over a node's GPUs with FSDP2. DDP's gradient
     buckets are views of the gradients (gradient_as_bucket_view): no second copy."""
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in DiT(cfg).parameters())
+    n_params = count(cfg)[0]
     shards = node_size if sharded else 1
-    per_block = saved_bytes(cfg, 2, bf16) - saved_bytes(cfg, 1, bf16)  # one image's activations
-    weight_copies = saved_bytes(cfg, 1, bf16) - per_block  # autocast's bf16 weights, per block
+    one_image = saved_bytes(cfg, 1, bf16, dispatch)
+    per_block = saved_bytes(cfg, 2, bf16, dispatch) - one_image  # one image's activations
+    weight_copies = one_image - per_block  # autocast's bf16 weights, per block
     if sharded:  # FSDP2 gathers bf16 weights itself, two blocks at a time (one prefetched)
         weight_copies = 2 * 2 * n_params / cfg.depth
     blocks_kept = 1 if checkpointing else cfg.depth  # checkpointing keeps one block's, recomputed
@@ -116,22 +141,25 @@ def memory_estimate(cfg, micro_batch, world, node_size, bf16, sharded, checkpoin
 
 
 def plan(cfg, local_batch, accum, world, node_size, gpu_gb, bf16, force_sharded,
-         force_checkpointing):
+         force_checkpointing, dispatch="grouped"):
     """(sharded, checkpointing, estimate): the first of DDP, DDP + checkpointing, sharded, sharded +
     checkpointing whose estimate fits 90% of the GPU (gpu_gb; inf on CPU), among those the flags
     allow; else a refusal that names the --grad-accum that would fit."""
+    if force_sharded and world == 1:
+        fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
     budget = 0.9 * gpu_gb
     options = [(s, c) for s in (False, True) for c in (False, True)
                if (s or not force_sharded) and (c or not force_checkpointing)
                and (world > 1 or not s)]
     for sharded, checkpointing in options:
         est = memory_estimate(cfg, local_batch // accum, world, node_size, bf16, sharded,
-                              checkpointing)
+                              checkpointing, dispatch)
         if sum(est.values()) <= budget:
             return sharded, checkpointing, est
     for more in (2, 4, 8, 16, 32, 64, 128):
         micro_batch = local_batch // (accum * more)
-        est = memory_estimate(cfg, max(micro_batch, 1), world, node_size, bf16, world > 1, True)
+        est = memory_estimate(cfg, max(micro_batch, 1), world, node_size, bf16, world > 1, True,
+                              dispatch)
         if micro_batch >= 1 and sum(est.values()) <= budget:
             fail(f"{local_batch // accum} images per GPU and micro-batch do not fit "
                  f"{gpu_gb:.0f} GB even {'sharded and ' if world > 1 else ''}"
@@ -542,7 +570,8 @@ def load_data(args, device):
     """(dataset, encode, data_fields); a data error of any rank (a node whose disk lacks the
     shards) stops every rank."""
     try:
-        found = setup_data(args.data_path, args.latents_path, args.image_size, args.vae, device)
+        found = setup_data(args.data_path, args.latents_path, args.image_size, args.vae, device,
+                           args.digits)
         error = None
     except DataError as e:
         found = None
@@ -624,12 +653,8 @@ def main(args):
 
     # Model, EMA and AdamW, planned to fit the GPU; or the resumed run's.
     resume_from = find_resume(args.resume, cfg, log) if args.resume else None
-    if args.sharded and world == 1:
-        fail("--sharded needs several processes: launch with torchrun --nproc_per_node=N")
-    gpu_gb = (torch.cuda.get_device_properties(device).total_memory / 1e9
-              if device.type == "cuda" else math.inf)
-    planned = plan(cfg, local_batch, args.grad_accum, world, node_size, gpu_gb, bf16, args.sharded,
-                   args.grad_checkpointing)  # (sharded, checkpointing, memory estimate)
+    planned = plan(cfg, local_batch, args.grad_accum, world, node_size, gpu_memory_gb(device), bf16,
+                   args.sharded, args.grad_checkpointing, gpu_dispatch(device, bf16))
     run = build_run(cfg, args, device, bf16, node_size, *planned[:2], resume_from, log)
     describe(cfg, args, data, run, planned, world, node_size, bf16, steps_per_epoch, total_steps,
              log)
@@ -693,10 +718,32 @@ def parse_set(items):
 
 
 def parse_args(argv=None):
-    # Defaults are the CPU demo that `python train.py` runs;
-    # where the paper differs, the help says so.
+    # Defaults are the CPU demo that `python train.py` runs; where the paper differs, the help
+    # says so. One group of flags per concern, each in its own function below.
     p = launch.Parser(description="Train DiT-MoE; the module docstring has the commands.")
-    add = p.add_argument
+    add_model_and_data_flags(p.add_argument_group("model and data"))
+    add_optimization_flags(p.add_argument_group("optimization"))
+    add_run_flags(p.add_argument_group("the run"))
+    args = p.parse_args(argv)
+    args.set = parse_set(args.set)
+    if args.extract_latents and not (args.data_path and args.latents_path):
+        fail("--extract-latents needs --data-path (images) and --latents-path (output folder)")
+    if args.data_path and not Path(args.data_path).is_dir():
+        fail(f"data path {args.data_path} is not a folder")
+    if args.resume and args.init_from:
+        fail("--resume continues a run, --init-from starts a new one from weights: "
+             "pass one of them")
+    try:
+        config_from_name(args.model, **args.set)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    if not args.extract_latents:
+        launch.writable_dir(args.results_dir)
+    return args
+
+
+def add_model_and_data_flags(group):
+    add = group.add_argument
     add("--model", default="T/2-4E2A",
         help="size from model.py's registry (paper: S/2-8E2A ... G/2-16E2A; "
              "T is the tiny demo size)")
@@ -714,11 +761,15 @@ def parse_args(argv=None):
         help="center-crop size of --data-path images (paper: 256)")
     add("--vae", default=VAE,
         help="diffusers AutoencoderKL, hub name or local folder (paper: sd-vae-ft-ema)")
+    add("--digits", choices=("all", "train"), default="all",
+        help="built-in digits: all 1,797, or all but every 5th, held out for evaluation "
+             "(compare.py)")
     add("--num-workers", type=nonnegative_int, default=4,
         help="data-loading processes per GPU (folders, shards)")
-    add("--results-dir", default="results",
-        help="runs go to RESULTS_DIR/NNN-<model>; RESULTS_DIR/latest links "
-             "the newest run with a checkpoint")
+
+
+def add_optimization_flags(group):
+    add = group.add_argument
     add("--global-batch-size", type=positive_int, default=128,
         help="images per optimizer step over all processes (paper: 1024)")
     add("--grad-accum", type=positive_int, default=1,
@@ -737,6 +788,13 @@ def parse_args(argv=None):
     add("--epochs", type=positive_int, help="or stop after this many epochs, whichever comes first")
     add("--global-seed", type=nonnegative_int, default=0,
         help="seed of the initial weights, data order and noise")
+
+
+def add_run_flags(group):
+    add = group.add_argument
+    add("--results-dir", default="results",
+        help="runs go to RESULTS_DIR/NNN-<model>; RESULTS_DIR/latest links "
+             "the newest run with a checkpoint")
     add("--log-every", type=positive_int, default=100,
         help="steps between log lines and log.jsonl records")
     add("--ckpt-every", type=positive_int, default=300,
@@ -759,22 +817,6 @@ def parse_args(argv=None):
         help="force recomputing block activations in backward (chosen by itself when they "
              "would not fit)")
     add("--compile", action="store_true", help="torch.compile the model")
-    args = p.parse_args(argv)
-    args.set = parse_set(args.set)
-    if args.extract_latents and not (args.data_path and args.latents_path):
-        fail("--extract-latents needs --data-path (images) and --latents-path (output folder)")
-    if args.data_path and not Path(args.data_path).is_dir():
-        fail(f"data path {args.data_path} is not a folder")
-    if args.resume and args.init_from:
-        fail("--resume continues a run, --init-from starts a new one from weights: "
-             "pass one of them")
-    try:
-        config_from_name(args.model, **args.set)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    if not args.extract_latents:
-        launch.writable_dir(args.results_dir)
-    return args
 
 
 if __name__ == "__main__":

@@ -202,3 +202,16 @@ def test_upcycled_run_starts_at_the_source_models_loss(tmp_path, capsys):
     assert "44 tensors copied, 8 upcycled into 4 experts, 4 fresh (moe.router.weight x4)" in out
     assert scratch - itself > 0.3  # the source has learned something
     assert abs(upcycled - itself) < 0.1 * (scratch - itself), (itself, upcycled, scratch)
+
+
+def test_digits_are_scikit_learns_and_the_held_out_split_is_every_fifth():
+    import data
+    ref = load_digits()  # through scikit-learn itself
+    x, y = data.load_digits().tensors
+    assert torch.equal(x, torch.tensor(ref.images, dtype=torch.float32)[:, None] / 8 - 1)
+    assert torch.equal(y, torch.tensor(ref.target))
+    (xt, yt), (xh, yh) = data.load_digits("train").tensors, data.load_digits("held-out").tensors
+    assert len(yt) == 1438 and len(yh) == 359
+    assert torch.equal(xh, x[4::5]) and torch.equal(yh, y[4::5])
+    keep = torch.arange(len(y)) % 5 != 4
+    assert torch.equal(xt, x[keep]) and torch.equal(yt, y[keep])
