@@ -151,6 +151,10 @@ def parse_args(argv=None):
         help=f"{' and '.join(QUICK_CONFIGS)}, 1 seed, {QUICK['steps']} steps, {QUICK['samples']} samples")
     add("--out", default="results/ablation", help="folder of the runs (reused when unchanged)")
     add("--docs", help="folder of the results (default: docs/ for the full suite, else --out)")
+    add("--upcycle", action="store_true",
+        help="instead of the suite: a 1-expert model trained --steps, upcycled into T/2-4E2A and "
+             "trained --steps more (train.py --init-from), against T/2-4E2A from scratch; "
+             "upcycle.png and upcycle.json")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():  # what the flags leave unset
         if getattr(args, key, None) is None:
@@ -161,6 +165,8 @@ def parse_args(argv=None):
     args.configs = args.only or (QUICK_CONFIGS if args.quick else list(CONFIGS))
     # a part of the suite never overwrites the committed results
     args.docs = Path(args.docs or (args.out if args.quick or args.only else ROOT / "docs"))
+    if args.upcycle:
+        args.out = str(Path(args.out) / "upcycle")
     launch.writable_dir(args.out)
     launch.writable_dir(args.docs)
     return args
@@ -435,34 +441,39 @@ def plot_losses(curves, path, cols=2, size=(420, 260), pad=40):
     initial loss would flatten the rest). curves: {config: [[(step, loss)] of each seed]}."""
     groups = shown_groups(curves)
     img = Image.new("RGB", (cols * size[0], max(1, math.ceil(len(groups) / cols)) * size[1]), "white")
-    d = ImageDraw.Draw(img)
-    w = size[0] - 2 * pad
-    h = size[1] - 2 * pad
     for k, (group, _, names) in enumerate(groups):
-        left = (k % cols) * size[0] + pad
-        top = (k // cols) * size[1] + pad
-        smax = max(s for c in names for s, _ in curves[c][0])
-        lines = {}
-        for c in names:
-            steps = [s for s, _ in curves[c][0] if s >= 0.1 * smax]
-            logs = np.log10([[v for s, v in seed if s >= 0.1 * smax] for seed in curves[c]])  # (seeds, P)
-            lines[c] = (steps, logs)
-        lo = min(v.min() for _, v in lines.values())
-        hi = max(v.max() for _, v in lines.values())
-        xy = lambda s, v: (left + w * s / smax, top + h * (hi - v) / (hi - lo + 1e-9))
-        d.rectangle([left, top, left + w, top + h], outline="black")
-        for j, (steps, logs) in enumerate(lines.values()):  # the bands first, lines go over all of them
-            if len(logs) > 1 and len(steps) > 1:
-                edge = [xy(s, v) for s, v in zip(steps, logs.max(0))]
-                edge += [xy(s, v) for s, v in zip(steps[::-1], logs.min(0)[::-1])]
-                d.polygon(edge, fill=tuple(int(255 - 0.25 * (255 - ch)) for ch in COLORS[j]))
-        for j, (c, (steps, logs)) in enumerate(lines.items()):
-            if len(steps) > 1:
-                d.line([xy(s, v) for s, v in zip(steps, logs.mean(0))], fill=COLORS[j], width=2)
-            d.text((left + w - 130, top + 6 + 12 * j), c, fill=COLORS[j])
-        d.text((left, top - 32), f"{group}: loss {10 ** lo:.3f} .. {10 ** hi:.3f} (log)", fill="black")
-        d.text((left, top + h + 6), f"step {0.1 * smax:.0f} .. {smax}", fill="black")
+        corner = ((k % cols) * size[0] + pad, (k // cols) * size[1] + pad)
+        draw_panel(img, corner, (size[0] - 2 * pad, size[1] - 2 * pad), {c: curves[c] for c in names},
+                   group)
     img.save(path)
+
+
+def draw_panel(img, corner, box, curves, title):
+    """One panel of plot_losses at corner (left, top), box (width, height)."""
+    d = ImageDraw.Draw(img)
+    left, top = corner
+    w, h = box
+    smax = max(s for seeds in curves.values() for s, _ in seeds[0])
+    lines = {}
+    for c, seeds in curves.items():
+        steps = [s for s, _ in seeds[0] if s >= 0.1 * smax]
+        logs = np.log10([[v for s, v in seed if s >= 0.1 * smax] for seed in seeds])  # (seeds, P)
+        lines[c] = (steps, logs)
+    lo = min(v.min() for _, v in lines.values())
+    hi = max(v.max() for _, v in lines.values())
+    xy = lambda s, v: (left + w * s / smax, top + h * (hi - v) / (hi - lo + 1e-9))
+    d.rectangle([left, top, left + w, top + h], outline="black")
+    for j, (steps, logs) in enumerate(lines.values()):  # the bands first, lines go over all of them
+        if len(logs) > 1 and len(steps) > 1:
+            edge = [xy(s, v) for s, v in zip(steps, logs.max(0))]
+            edge += [xy(s, v) for s, v in zip(steps[::-1], logs.min(0)[::-1])]
+            d.polygon(edge, fill=tuple(int(255 - 0.25 * (255 - ch)) for ch in COLORS[j]))
+    for j, (c, (steps, logs)) in enumerate(lines.items()):
+        if len(steps) > 1:
+            d.line([xy(s, v) for s, v in zip(steps, logs.mean(0))], fill=COLORS[j], width=2)
+        d.text((left + w - 130, top + 6 + 12 * j), c, fill=COLORS[j])
+    d.text((left, top - 32), f"{title}: loss {10 ** lo:.3f} .. {10 ** hi:.3f} (log)", fill="black")
+    d.text((left, top + h + 6), f"step {0.1 * smax:.0f} .. {smax}", fill="black")
 
 
 def samples_grid(rows, path, scale=6, label=140, top=16):
@@ -530,8 +541,40 @@ def tables(summary):
 # Main
 # ----------------------------------------------------------------------------
 
+def upcycle(args):
+    """Start from a trained model: the loss of T/2-4E2A upcycled from a 1-expert model (its expert
+    copied into the 4, train.py --init-from) against T/2-4E2A from scratch, the same steps."""
+    out = Path(args.out)
+    common = ["--device", "cpu", "--digits", "train", "--max-steps", str(args.steps),
+              "--global-batch-size", str(args.batch_size), "--ema-decay", str(args.ema_decay),
+              "--log-every", str(log_every(args.steps)), "--ckpt-every", str(args.steps)]
+    source = out / "one-expert"
+    call("train.py", [*common, "--set", "num_experts=1", "--set", "top_k=1", "--results-dir", str(source)],
+         out / "one-expert.log")
+    runs = {"from scratch": [], "upcycled": ["--init-from", str(source / "latest" / "ema.pt")]}
+    curves = {}
+    for name, flags in runs.items():
+        folder = out / name.replace(" ", "-")
+        call("train.py", [*common, *flags, "--results-dir", str(folder)], out / f"{folder.name}.log")
+        log = [json.loads(line) for line in (folder / "latest" / "log.jsonl").read_text().splitlines()]
+        curves[name] = [(r["step"], r["loss"]) for r in log]
+    img = Image.new("RGB", (420, 260), "white")
+    draw_panel(img, (40, 40), (340, 180), {k: [v] for k, v in curves.items()}, "T/2-4E2A")
+    img.save(args.docs / "upcycle.png")
+    source_log = [json.loads(line) for line in (source / "latest" / "log.jsonl").read_text().splitlines()]
+    summary = dict(steps=args.steps, batch_size=args.batch_size, curves=curves,
+                   source_final_loss=float(np.mean([r["loss"] for r in source_log[-max(1, len(source_log) // 5):]])),
+                   first_loss={k: v[0][1] for k, v in curves.items()},
+                   final_loss={k: float(np.mean([loss for _, loss in v[-max(1, len(v) // 5):]]))
+                               for k, v in curves.items()})
+    (args.docs / "upcycle.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in ("source_final_loss", "first_loss", "final_loss")}))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.upcycle:
+        return upcycle(args)
     t_start = time.time()
     code = source_hash()
     judge = Judge(args.samples)

@@ -135,3 +135,15 @@ def test_bad_arguments_one_line(capsys, monkeypatch, argv, message):
         compare.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and err.startswith(message)
+
+
+def test_upcycle_mode_writes_both_curves(tmp_path):
+    proc = subprocess.run([sys.executable, "compare.py", "--upcycle", "--steps", "2", "--batch-size", "16",
+                           "--out", str(tmp_path), "--docs", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "upcycle.json").read_text())
+    assert set(summary["curves"]) == {"from scratch", "upcycled"}
+    assert all(len(c) == 2 for c in summary["curves"].values())  # steps 1 and 2
+    assert summary["first_loss"]["upcycled"] == summary["curves"]["upcycled"][0][1]
+    assert (tmp_path / "upcycle.png").stat().st_size > 0
