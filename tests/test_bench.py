@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_quick_runs(tmp_path):
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--no-compile", "--rounds", "1",
-                          "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--no-compile", "--rounds", "1", "--device",
+                          "cpu", "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     for row in ["matmul", "MoE layer float32", "MoE layer bfloat16", "train step T/2-4E2A",
@@ -44,3 +44,14 @@ def test_bench_bad_arguments(capsys, monkeypatch, argv, message):
         bench.main(["--quick"] + argv)
     err = capsys.readouterr().err  # launch.fail: one line on stderr, status 1
     assert e.value.code == 1 and err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.cuda
+def test_bench_quick_runs_on_the_gpu(tmp_path):
+    # the GPU tier (python -m pytest -m cuda): every section on the GPU, bf16 grouped GEMM included
+    if not __import__("torch").cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--rounds", "1", "--device", "cuda"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MoE layer bfloat16" in out.stdout and "train step" in out.stdout

@@ -178,7 +178,8 @@ def test_inference_is_batch_independent(router, dispatch):
     used = assignment_mask(token, expert, 24, 4).sum(dim=1)  # experts per token
     assert used.min() == 0 and used.max() >= 2  # some tokens get no routed expert at all
     alone = torch.cat([m(x[n:n + 1])[0] for n in range(2)])
-    torch.testing.assert_close(m(x)[0], alone, rtol=1e-6, atol=1e-6)
+    # the same numbers up to float32 sums taken in another order (other row counts): 1e-5
+    torch.testing.assert_close(m(x)[0], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_similarity_loss_by_hand():
