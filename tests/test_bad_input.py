@@ -262,3 +262,39 @@ def test_a_user_error_under_torchrun_is_printed_once(tmp_path):
                                             "num_classes=10, latent_space=False)"], r.stderr
     assert "[rank" not in r.stderr  # no process printed a Python traceback
     assert r.stderr.count("exitcode  : 1") == 1  # torchrun's own report names one failed process
+
+
+# ----------------------------------------------------------------------------
+# The other commands: evaluate.py, bench.py, compare.py (their own test files hold more)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["a.npz", "b.npz", "--device", "banana"], "--device banana"),
+    (["a.npz", "b.npz", "--batch-size", "0"], "--batch-size: 0 is not in [1, inf]"),
+    (["a.npz", "b.npz", "--out", "/proc/m.json"], "cannot write --out /proc/m.json"),
+])
+def test_evaluate_arguments(monkeypatch, capsys, argv, message):
+    import evaluate
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
+    assert message in one_line_error(evaluate.main, capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda:99"], "--device cuda:99: not available on this machine"),
+    (["--rounds", "0"], "--rounds: 0 is not in [1, inf]"),
+])
+def test_bench_arguments(capsys, argv, message):
+    import bench
+    assert message in one_line_error(lambda: bench.main(["--quick", *argv]), capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps: 0 is not in [1, inf]"),
+    (["--samples", "0"], "--samples: 0 is not in [1, inf]"),
+    (["--seeds", "-1"], "--seeds: -1 is not in [1, inf]"),
+    (["--only", "banana"], "unknown configuration 'banana'"),
+])
+def test_compare_arguments(tmp_path, capsys, argv, message):
+    import compare
+    call = lambda: compare.parse_args([*argv, "--out", str(tmp_path), "--docs", str(tmp_path)])
+    assert message in one_line_error(call, capsys)
