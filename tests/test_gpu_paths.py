@@ -26,6 +26,15 @@ SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, num_experts=4, 
 GPUS = [("H100", (9, 0)), ("A100", (8, 0))]
 
 
+@pytest.fixture(params=GPUS, ids=[name for name, _ in GPUS])
+def gpu(request, monkeypatch):
+    """A fake GPU of this compute capability, with bf16 autocast; its capability."""
+    capability = request.param[1]
+    pretend_gpu(monkeypatch, capability)
+    pretend_cuda_autocast(monkeypatch)
+    return capability
+
+
 def to_fake_cuda(net, weights=torch.float32):
     """net's tensors as fake CUDA ones (inside FakeTensorMode): parameters in `weights` but the
     routers fp32, as checkpoint.load_model makes them for bf16 sampling; buffers keep their dtype."""
@@ -45,11 +54,8 @@ def to_fake_cuda(net, weights=torch.float32):
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("objective", ["ddpm", "rf"])
-@pytest.mark.parametrize("gpu, capability", GPUS)
-def test_training_forward_and_loss_on_fake_cuda(monkeypatch, router, objective, gpu, capability):
+def test_training_forward_and_loss_on_fake_cuda(gpu, router, objective):
     # train.training_loss under bf16 autocast, as train.py runs it on a GPU, PLR on
-    pretend_gpu(monkeypatch, capability)
-    pretend_cuda_autocast(monkeypatch)
     net = DiT(DiTConfig(**SMALL, router=router, objective=objective, layer_reg=0.1)).train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         obj = create_objective(objective)  # its schedule tables fake too
@@ -61,7 +67,7 @@ def test_training_forward_and_loss_on_fake_cuda(monkeypatch, router, objective, 
             with RecordOps() as rec:
                 loss, terms = train.training_loss(net, obj, x0, y, 0.1)
     assert rec.events == [], rec.report()  # (host_outputs: FakeCudaBindings labels tensors CPU in calls)
-    assert ("moe::grouped_mm" in rec.ops) == (capability == (9, 0) and router != "expert")
+    assert ("moe::grouped_mm" in rec.ops) == (gpu == (9, 0) and router != "expert")
     assert loss.device.type == "cuda" and terms["load"].shape == (2, 4) and "layer_reg" in terms
 
 
@@ -114,12 +120,9 @@ def test_whole_training_step_on_meta_stays_on_the_device(router):
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("objective", ["ddpm", "rf"])
-@pytest.mark.parametrize("gpu, capability", GPUS)
-def test_guided_sampling_steps_on_fake_cuda_with_routing_stats(monkeypatch, router, objective, gpu, capability):
+def test_guided_sampling_steps_on_fake_cuda_with_routing_stats(gpu, router, objective):
     # sample.sample_images' model calls and sampler steps in bf16 (weights bf16, routers fp32),
     # with --routing-stats counting; the noise comes from the host in non-blocking copies
-    pretend_gpu(monkeypatch, capability)
-    pretend_cuda_autocast(monkeypatch)
     net = DiT(DiTConfig(**SMALL, router=router, objective=objective)).eval()
     stats = sample.RoutingStats(net, 3)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -140,4 +143,4 @@ def test_guided_sampling_steps_on_fake_cuda_with_routing_stats(monkeypatch, rout
     if objective == "ddpm":  # ancestral steps add noise (rectified flow's Euler steps do not)
         assert rec.async_copies, "the noise is drawn on the host and copied without blocking"
     assert out.dtype == torch.float32 and out.device.type == "cuda"
-    assert ("moe::grouped_mm" in rec.ops) == (capability == (9, 0) and router != "expert")
+    assert ("moe::grouped_mm" in rec.ops) == (gpu == (9, 0) and router != "expert")
