@@ -122,6 +122,14 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give memory back only past 1 GB free at the top
 
 
+def add_device_flags(group, precision_help):
+    """--device and --precision, the same two flags in train.py and sample.py (setup() checks
+    the device, bf16_default() reads the precision)."""
+    group.add_argument("--device", default="auto",
+                       help="auto (a GPU when there is one), cuda or cpu")
+    group.add_argument("--precision", choices=("bf16", "fp32"), help=precision_help)
+
+
 def setup(device="auto"):
     """(rank, world, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a
     single process. device: "auto" (the GPU when there is one), "cuda" or "cpu"."""
