@@ -85,10 +85,8 @@ def parse_args(argv=None):
     add("--routing-stats", action="store_true",
         help="count expert choices per class, patch position and step; save .npz and the "
              "heatmap PNGs")
-    add("--device", default="auto", help="auto (a GPU when there is one), cuda or cpu")
-    add("--precision", choices=("bf16", "fp32"),
-        help="the network's weights and matmuls: default bf16 on GPU (the fast grouped GEMM), "
-             "fp32 on CPU")
+    launch.add_device_flags(p, "the network's weights and matmuls: default bf16 on GPU "
+                               "(the fast grouped GEMM), fp32 on CPU")
     return p.parse_args(argv)
 
 

@@ -807,10 +807,8 @@ def add_run_flags(group):
     add("--init-from",
         help="a trained checkpoint (ours, official DiT-MoE or DiT) to start a NEW run from: "
              "matching tensors are copied, experts upcycled from a 1-expert or dense model")
-    add("--device", default="auto", help="auto (a GPU when there is one), cuda or cpu")
-    add("--precision", choices=("bf16", "fp32"),
-        help="compute in bf16 (autocast) or fp32; default bf16 on GPU, fp32 on CPU; "
-             "fp32 matmuls use TF32 on GPU")
+    launch.add_device_flags(group, "compute in bf16 (autocast) or fp32; default bf16 on GPU, "
+                                   "fp32 on CPU; fp32 matmuls use TF32 on GPU")
     add("--sharded", action="store_true",
         help="force FSDP2 sharding (chosen by itself when DDP would not fit)")
     add("--grad-checkpointing", action="store_true",

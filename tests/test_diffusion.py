@@ -477,14 +477,21 @@ def device_model_fn(x, t):
 BACKWARD = {"cuda": False, "meta": True}
 
 
-def ddpm_round(d, x0, backward):
-    """One training step's diffusion calls (and the loss's backward) and three samplers."""
-    t, x_t, noise = d.training_inputs(x0)
+def training_round(objective, x0, backward):
+    """One training step's calls to the objective, and the loss's backward; returns the noise
+    drawn, which the samplers then start from."""
+    t, x_t, noise = objective.training_inputs(x0)
     out = torch.randn(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:], device=x0.device,
                       requires_grad=backward)
-    loss = d.training_losses(out, x0, x_t, t, noise)["loss"].sum()
+    loss = objective.training_losses(out, x0, x_t, t, noise)["loss"].sum()
     if backward:
         loss.backward()
+    return noise
+
+
+def ddpm_round(d, x0, backward):
+    """One training step's diffusion calls (and the loss's backward) and three samplers."""
+    noise = training_round(d, x0, backward)
     d.sample(device_model_fn, noise, sampler="ddpm", num_steps=3)
     d.sample(device_model_fn, noise, sampler="ddim", num_steps=3, eta=1.0)
     d.p_sample_loop(device_model_fn, noise)  # the object's own schedule
@@ -510,12 +517,7 @@ def test_ddpm_paths_are_free_of_host_syncs(device):
 
 def rf_round(rf, x0, backward):
     """Rectified flow's training calls (and the loss's backward) and its Euler sampler."""
-    t, x_t, noise = rf.training_inputs(x0)
-    out = torch.randn(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:], device=x0.device,
-                      requires_grad=backward)
-    loss = rf.training_losses(out, x0, x_t, t, noise)["loss"].sum()
-    if backward:
-        loss.backward()
+    noise = training_round(rf, x0, backward)
     rf.sample(device_model_fn, noise, num_steps=3)
 
 
