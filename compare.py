@@ -1,7 +1,7 @@
 """
 The papers' claims at toy scale, with error bars: an ablation suite on the built-in digits.
 
-    python compare.py                      # 11 configurations x 3 seeds, 800 steps (2-core CPU: ~80 min)
+    python compare.py                      # 11 configurations x 3 seeds, 800 steps (2-core CPU: ~75 min)
     python compare.py --quick              # dense and race, 1 seed, 4 steps, 20 samples: under a minute
     python compare.py --only token race --seeds 1   # a subset (writes to --out, not to docs/)
 
