@@ -119,8 +119,11 @@ def test_keep_last(tmp_path):
 def test_ctrl_c_stops_with_one_line_and_no_partial_file(tmp_path):
     cmd = [sys.executable, "train.py", "--device", "cpu", "--max-steps", "1000", "--global-batch-size", "8",
            "--log-every", "1", "--ckpt-every", "1", "--results-dir", str(tmp_path)]
+    # Ctrl-C in a terminal: SIGINT at its default disposition. A shell starts background jobs
+    # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until a few steps are done and checkpointed
         if line.startswith("step 3:"):
             break
