@@ -262,11 +262,12 @@ def test_race_threshold_stays_float32_under_a_bfloat16_cast():
     m.train()
     with torch.no_grad():
         m.threshold.fill_(float("nan"))
-    for step in range(2):
+    expect = None  # a NaN threshold is replaced by the first batch's smallest winner
+    for _ in range(2):
         m(x)
         logits = (x.float().reshape(-1, 16) @ m.router.weight.float().T).flatten().double()
         kth = logits.sort(descending=True).values[2 * 12 * 2 - 1].item()  # the smallest winner
-        expect = kth if step == 0 else RACE_MOMENTUM * expect + (1 - RACE_MOMENTUM) * kth
+        expect = kth if expect is None else RACE_MOMENTUM * expect + (1 - RACE_MOMENTUM) * kth
     assert m.threshold.dtype == torch.float32 and m.threshold.item() == pytest.approx(expect, rel=1e-6)
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 import checkpoint
 import train
 from model import DiT, DiTBlock, DiTConfig, config_from_name
-from runs import QUICK, ROOT, assert_close, checked, run, saved
+from runs import QUICK, ROOT, assert_close, checked, saved
 
 SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, num_experts=4, top_k=2, input_size=8,
              in_channels=4, num_classes=10)
