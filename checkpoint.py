@@ -158,6 +158,26 @@ def newest_finite(run_dir, note=print):
     return None
 
 
+def find(path, note=print):
+    """(checkpoint, None) or (None, why not): a run folder's newest finite checkpoint, or the
+    checkpoint file or sharded folder given, if its weights are finite."""
+    path = Path(path)
+    try:
+        if (path / "checkpoints").is_dir():
+            found = newest_finite(path, note)
+            if found is None:
+                return None, f"no finite checkpoint in {path / 'checkpoints'}"
+            return found, None
+        if not path.exists():
+            return None, f"no checkpoint at {path}"
+        if not is_finite(path):
+            return None, f"{path} holds non-finite weights; resume from an earlier checkpoint"
+        read_info(path)
+        return path, None
+    except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+        return None, f"cannot read checkpoint {path} ({e})"
+
+
 def resume(path, model, ema, opt):
     """Load a training checkpoint (file or sharded folder) into model, ema and opt, sharded or not.
     Collective in a distributed run. Returns its info (step, epoch, config, args)."""
@@ -377,14 +397,14 @@ def export_command(argv=None):
     p.add_argument("path", help="run folder, or one checkpoint (file or sharded folder) "
                                 "in its checkpoints/")
     path = Path(p.parse_args(argv).path)
+    src, error = find(path)
+    if error:
+        launch.fail(f"cannot export the EMA of {path}: {error}")
     try:
-        src = newest_finite(path) if (path / "checkpoints").is_dir() else path
-        if src is None:
-            raise CheckpointError(f"no finite checkpoint in {path / 'checkpoints'}")
         info = read_info(src)
-        with torch.device("meta"):
-            ema = DiT(DiTConfig(**info["config"]))
         if src.is_dir():  # one process reads every rank's shards into full tensors
+            with torch.device("meta"):
+                ema = DiT(DiTConfig(**info["config"]))
             state = {"ema": {k: torch.empty_like(v, device="cpu")
                              for k, v in ema.state_dict().items()}}
             dcp.load(state, checkpoint_id=src, no_dist=True)

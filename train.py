@@ -71,6 +71,9 @@ from moe import grouped_mm_is_fast, max_violation
 # Memory: what a run needs per GPU, and a plan that fits
 # ----------------------------------------------------------------------------
 
+TRACED = {}  # saved_bytes' answers by (config, images, bf16, dispatch): the plan asks repeatedly
+
+
 def saved_bytes(cfg, images, bf16, dispatch="grouped"):
     """Bytes autograd keeps for the backward of one block on `images` images, traced on fake
     tensors (no memory, well under a second for G/2): what a step holds per block, parameters
@@ -98,9 +101,6 @@ def saved_bytes(cfg, images, bf16, dispatch="grouped"):
                 block(x, c)
     TRACED[key] = sum(seen.values())
     return TRACED[key]
-
-
-TRACED = {}  # saved_bytes' answers: the plan asks the same ones several times
 
 
 def gpu_memory_gb(device):
@@ -388,8 +388,8 @@ def summarize(sums, net, steps, seconds, images_per_step, world, device):
 
 
 def check_finite(rec, run, bar):
-    """Stop before any checkpoint holds non-finite numbers;
-    the message names the newest good one."""
+    """Stop before any checkpoint holds non-finite numbers. The message names the newest good
+    checkpoint."""
     losses = [f"{k} {v}" for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"loss ({', '.join(losses)})"] if losses else []
     if rec["skipped"]:
@@ -469,7 +469,7 @@ def build_config(args, data_fields):
 def find_resume(path, cfg, log):
     """The newest finite checkpoint of a run folder, or the file or sharded folder given, checked
     against this run's config. Every rank looks: on node-local disks one node may lack it."""
-    found, error = look_for_checkpoint(Path(path), log)
+    found, error = checkpoint.find(path, note=log)
     if found is not None:
         info = checkpoint.read_info(found)
         diff = [f"{k} {info['config'].get(k)} vs {v}" for k, v in dataclasses.asdict(cfg).items()
@@ -479,23 +479,6 @@ def find_resume(path, cfg, log):
                      f"(checkpoint vs this run: {', '.join(diff)})")
     fail_if_any(error)
     return found.resolve()
-
-
-def look_for_checkpoint(path, log):
-    """(checkpoint, None) or (None, why not)."""
-    try:
-        if (path / "checkpoints").is_dir():
-            found = checkpoint.newest_finite(path, note=log)
-            return ((found, None) if found
-                    else (None, f"no finite checkpoint in {path / 'checkpoints'}"))
-        if not path.exists():
-            return None, f"no checkpoint at {path}"
-        if not checkpoint.is_finite(path):
-            return None, f"{path} holds non-finite weights; resume from an earlier checkpoint"
-        checkpoint.read_info(path)
-        return path, None
-    except (checkpoint.CheckpointError, OSError, RuntimeError, ValueError) as e:
-        return None, f"cannot read checkpoint {path} ({e})"
 
 
 def build_run(cfg, args, device, bf16, node_size, sharded, checkpointing, resume_from, log):
@@ -693,8 +676,8 @@ def main(args):
 # ----------------------------------------------------------------------------
 
 def parse_set(items):
-    """--set FIELD=VALUE pairs -> {field: value},
-    each value parsed as its DiTConfig field's type."""
+    """--set FIELD=VALUE pairs as {field: value}, each value parsed as its DiTConfig field's
+    type."""
     types = {f.name: f.type for f in dataclasses.fields(DiTConfig)}
     words = {int: "an int", float: "a number", bool: "true or false", str: "a string",
              int | None: "an int or none"}
@@ -798,7 +781,7 @@ def add_run_flags(group):
     add("--log-every", type=positive_int, default=100,
         help="steps between log lines and log.jsonl records")
     add("--ckpt-every", type=positive_int, default=300,
-        help="steps between checkpoints (DiT: 50000; the demo: ~75 s of its ~5 minutes)")
+        help="steps between checkpoints (DiT: 50000; the demo: a quarter of its 1,200 steps)")
     add("--keep-last", type=nonnegative_int, default=0,
         help="keep only the newest N checkpoints (0: keep all, as DiT; each holds weights, EMA "
              "and AdamW: 16 bytes a parameter)")

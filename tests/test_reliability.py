@@ -67,7 +67,7 @@ def test_non_finite_weights_from_a_finite_loss_are_never_saved(tmp_path):
     assert os.readlink(tmp_path / "latest") == old_latest
 
 
-def test_resume_skips_non_finite_checkpoints_with_a_note(tmp_path):
+def test_resume_skips_non_finite_checkpoints_with_a_note(tmp_path, capsys):
     checked(*QUICK, "--max-steps", 4, "--ckpt-every", 2, "--results-dir", tmp_path)
     bad = tmp_path / "latest" / "checkpoints" / "0000004.pt"
     ckpt = torch.load(bad, weights_only=True)  # as the old code could write it
@@ -79,6 +79,12 @@ def test_resume_skips_non_finite_checkpoints_with_a_note(tmp_path):
     assert "steps 2 -> 5" in r.stdout
     r = run(*QUICK, "--resume", bad, "--results-dir", tmp_path)
     assert r.returncode == 1 and "holds non-finite weights; resume from an earlier checkpoint" in r.stderr
+    # python checkpoint.py refuses it too, leaving ema.pt as it was
+    before = (tmp_path / "latest" / "ema.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        checkpoint.export_command([str(bad)])
+    assert f"cannot export the EMA of {bad}: {bad} holds non-finite weights" in capsys.readouterr().err
+    assert (tmp_path / "latest" / "ema.pt").read_bytes() == before
 
 
 def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path):
