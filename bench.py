@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from diffusion import create_objective
 from model import count, create_model
-from launch import keep_freed_memory
 from moe import EXPERT_RATIO, SHARED_RATIO, MoE, SwiGLU
 
 
@@ -244,7 +243,7 @@ def main(argv=None):
     sections = args.only or SECTIONS
     device = available_device(args.device)
     if device.type == "cpu":
-        keep_freed_memory()  # as train.py does on CPU
+        launch.keep_freed_memory()  # as train.py does on CPU
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_tflops(device, dtype, 512 if args.quick else 4096, args.rounds)

@@ -17,7 +17,6 @@ imported only when a latent model is trained or sampled.
 Tests: python -m pytest -q tests/test_train.py
 """
 import bisect
-import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -44,9 +43,11 @@ def load_digits(split="all"):
     on, for compare.py's classifier). Read from the file scikit-learn ships (importing
     sklearn.datasets costs ~3 s a start), else through scikit-learn."""
     spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("the built-in digits need scikit-learn: pip install scikit-learn")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     if path.is_file():
-        table = np.loadtxt(gzip.open(path), delimiter=",")  # (1797, 65): 64 pixels, the label
+        table = np.loadtxt(path, delimiter=",")  # (1797, 65): 64 pixels, the label
         images = table[:, :-1].reshape(-1, 8, 8)
         labels = table[:, -1].astype(np.int64)
     else:

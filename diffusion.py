@@ -72,8 +72,8 @@ def _gather(table, i, x):
 
 
 def _check_sampler(sampler, valid, objective):
-    """None -> the objective's default sampler (the first valid one);
-    an unknown name -> ValueError."""
+    """The sampler to run: None gives the objective's default (the first valid one), an unknown
+    name a ValueError."""
     if sampler is None:
         return valid[0]
     if sampler not in valid:
@@ -200,8 +200,8 @@ class GaussianDiffusion:
                 - _gather(tab.sqrt_recipm1_alphas_cumprod, i, x_t) * eps)
 
     def p_mean_variance(self, out, x_t, i):
-        """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t) from model output
-        (N, 2C or C, ...)."""
+        """Mean, log variance and x_0 estimate of p(x_{t-1} | x_t), from the model output
+        out (N, 2C or C, ...)."""
         tab = self.tables(x_t.device)
         C = x_t.shape[1]
         # narrow(1, 0, C) is out[:, :C]; see _gather for why not the indexing
@@ -232,7 +232,7 @@ class GaussianDiffusion:
         return noise
 
     def training_losses(self, out, x0, x_t, t, noise):
-        """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: dict of (N,)
+        """Hybrid loss of Nichol & Dhariwal 2021 Eq. 16, per sample: a dict of (N,) tensors,
         "loss" = "mse" + "vb".
 
         t: the timesteps the model saw (original indices, as training_inputs returns them).
@@ -263,7 +263,7 @@ class GaussianDiffusion:
         return terms
 
     def _reverse_steps(self, x, progress):
-        """From the last step down to 0: (i, i_n, t_n) = the index, it as (N,),
+        """The reverse steps, last to 0, as (i, i_n, t_n): the index, the index as (N,), and
         the model's timesteps (N,)."""
         timestep_map = self.tables(x.device).timestep_map
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
@@ -349,15 +349,15 @@ class RectifiedFlow:
         return noise - x0
 
     def training_losses(self, out, x0, x_t, t, noise):
-        """Per-sample velocity MSE: dict of (N,) "loss" = "rf".
-        Only the first C channels of out are used."""
+        """Per-sample velocity MSE, a dict of (N,) tensors "loss" = "rf". Only the first C
+        channels of out are used."""
         rf = mean_flat((self.target(x0, noise) - out.narrow(1, 0, x0.shape[1])) ** 2)
         return {"loss": rf, "rf": rf}
 
     @torch.no_grad()
     def euler_sample_loop(self, model_fn, noise, num_steps, progress=False):
-        """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0,
-        in num_steps equal steps."""
+        """Euler integration of dz/dt = v from t = 1 (noise) down to t = 0 in num_steps equal
+        steps."""
         z = noise
         dt = 1.0 / num_steps
         for k in tqdm(range(num_steps, 0, -1), disable=not progress):
@@ -368,8 +368,8 @@ class RectifiedFlow:
 
     def sample(self, model_fn, noise, sampler=None, num_steps=None, eta=0.0, randn=torch.randn_like,
                progress=False):
-        """Same signature as GaussianDiffusion.sample;
-        Euler is deterministic, so eta and randn are unused."""
+        """Euler sampling, with GaussianDiffusion.sample's signature. Euler is deterministic,
+        so eta and randn are unused."""
         _check_sampler(sampler, self.samplers, "rf")
         return self.euler_sample_loop(model_fn, noise, num_steps or self.default_steps, progress)
 

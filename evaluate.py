@@ -209,7 +209,7 @@ def load_inception(path, device):
     except Exception as e:
         raise ValueError(f"{found[0]} does not hold the FID Inception weights "
                          f"({' '.join(str(e).split())[:200]})")
-    torch.backends.cudnn.allow_tf32 = False  # the reference numbers come from float32 convolutions
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # the reference: float32 convolutions
     return model.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------

@@ -305,10 +305,10 @@ class DiT(nn.Module):
     def forward(self, x, t, y, return_aux=False):
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels (num_classes = null class).
 
-        Returns (N, 2C, H, W); with return_aux also {"router_loss": summed router loss of all
-        layers, "load": (L, E) assignments per expert per layer}, and "layer_preds":
-        (L, N, C, H, W), each layer's prediction of the diffusion target (Race-DiT's PLR), when
-        cfg.layer_reg > 0.
+        Returns (N, out_channels, H, W) (2C with learn_sigma); with return_aux also
+        {"router_loss": summed router loss of all layers, "load": (L, E) assignments per expert
+        per layer}, and "layer_preds": (L, N, C, H, W), each layer's prediction of the diffusion
+        target (Race-DiT's PLR), when cfg.layer_reg > 0.
         """
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
@@ -325,7 +325,7 @@ class DiT(nn.Module):
                 load.append(block_aux["load"])                                  # (E,)
             if "layer_pred" in block_aux:
                 preds.append(block_aux["layer_pred"])                           # (N, T, p*p*C)
-        x = self.unpatchify(self.final_layer(x, c))                             # (N, 2C, H, W)
+        x = self.unpatchify(self.final_layer(x, c))                   # (N, out_channels, H, W)
         if not return_aux:
             return x
         aux = {"router_loss": router_loss,
@@ -342,7 +342,7 @@ class DiT(nn.Module):
         guided; guided_channels=3 reproduces DiT / official DiT-MoE exactly (DiT issue #41).
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)                       # (2N, 2C, H, W)
+        out = self.forward(torch.cat([half, half]), t, y)             # (2N, out_channels, H, W)
         G = self.cfg.in_channels if guided_channels is None else guided_channels
         guide = out[:, :G]
         rest = out[:, G:]

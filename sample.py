@@ -399,8 +399,9 @@ def run_fid(draw, num_samples, num_classes, batch_size, prefix, settings, rank, 
 # ----------------------------------------------------------------------------
 
 def settle_for(cfg, args, fid):
-    """The objective of this checkpoint; the defaults that depend on it filled into args (steps,
-    sampler, guidance scale), and what does not fit it refused before any work."""
+    """Check args against this checkpoint before any work (class labels, routing statistics,
+    sampler) and fill in the defaults left unset (steps, sampler, guidance scale). Returns the
+    checkpoint's objective."""
     if not fid and any(not 0 <= c < cfg.num_classes for c in args.classes or []):
         fail(f"class labels must be in 0..{cfg.num_classes - 1} for this model, got {args.classes}")
     obj = create_objective(cfg.objective)
